@@ -1,0 +1,1 @@
+"""lmforge: shared pieces (errors, typed config loading, the `lmforge` command)."""

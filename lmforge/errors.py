@@ -1,0 +1,28 @@
+"""The one exception type users see, and the wrapper that turns it into a one-line exit."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+USER_ERROR_EXIT_CODE = 2
+
+
+class LmforgeError(Exception):
+    """A problem with the user's input (file, config key, argument): printed as one line, exit 2.
+
+    The message names the file or key, the value found and what was expected; where a file is
+    bad, it also says which command regenerates it.
+    """
+
+
+def run_cli(entry: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Runs `entry(argv)`; an LmforgeError becomes `error: <message>` on stderr and exit code 2."""
+    try:
+        return int(entry(argv) or 0)
+    except LmforgeError as err:
+        message = " ".join(str(err).split("\n"))
+        print(f"error: {message}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
