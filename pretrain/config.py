@@ -1,0 +1,147 @@
+"""The pretraining job config: one typed section per concern, loaded from `configs/*.yaml`.
+
+Sections: `run` (where outputs go), `model` (pretrain.model.ModelConfig), `data` (which shards),
+`train` (optimisation and loop), `deepspeed` (which DeepSpeed JSON). Values that DeepSpeed must
+also know are merged into its JSON by `pretrain.ds_config.build_deepspeed_config`, nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from lmforge.config import load_config
+from pretrain.model import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: Path = Path("runs/default")
+    """Run directory: checkpoints/, metrics.jsonl, tb/, config.yaml. Rerunning resumes from it."""
+    log_interval: int = 10
+    """Optimizer steps between metric lines (loss is synced to the host only then)."""
+    tensorboard: bool = True
+    """Also write the metrics to RUN_DIR/tb/ with torch's TensorBoard writer."""
+    progress_bar: bool = True
+    """A tqdm bar on rank 0."""
+
+    def problems(self) -> list[str]:
+        return [] if self.log_interval >= 1 else [f"run.log_interval = {self.log_interval}: must be at least 1"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: tuple[Path, ...] = (Path("data/stdlib"),)
+    """Shard directories written by `lmforge prep shards` (several are blended)."""
+    weights: tuple[float, ...] | None = None
+    """Blending weights, one per path; null weighs all paths equally."""
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.path:
+            found.append("data.path: expected at least one shard directory")
+        if self.weights is not None:
+            if len(self.weights) != len(self.path):
+                found.append(f"data.weights has {len(self.weights)} values: expected one per data.path ({len(self.path)})")
+            if any(w < 0 for w in self.weights) or not sum(self.weights) > 0:
+                found.append(f"data.weights = {list(self.weights)}: expected non-negative numbers with a positive sum")
+        return found
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 100
+    """Optimizer steps to train for (the cosine schedule ends here)."""
+    seed: int = 1234
+    """Seeds weights, data order and every RNG."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)."""
+    seq_len: int = 128
+    """Tokens per training sequence (at most model.max_seq_len)."""
+    lr: float = 3e-4
+    """Peak learning rate, reached after warmup."""
+    min_lr: float = 3e-5
+    """Learning-rate floor at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to norms, biases and embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (DeepSpeed's gradient_clipping); 0 disables it."""
+    save_interval: int = 0
+    """Steps between checkpoints; 0 saves only at the end."""
+    keep_last: int = 3
+    """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    eval_interval: int = 0
+    """Steps between evaluations on the valid split; 0 evaluates only at the end."""
+    eval_batches: int = 4
+    """Micro-batches per rank in one evaluation."""
+    compile: bool = False
+    """torch.compile the model (worth it on GPU; slow to start on CPU)."""
+
+    def problems(self) -> list[str]:
+        found = []
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len", "eval_batches", "keep_last"):
+            if getattr(self, key) < 1:
+                found.append(f"train.{key} = {getattr(self, key)}: must be at least 1")
+        for key in ("save_interval", "eval_interval", "warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                found.append(f"train.{key} = {getattr(self, key)}: must not be negative")
+        if not 0 < self.lr:
+            found.append(f"train.lr = {self.lr}: must be positive")
+        if not 0 <= self.min_lr <= self.lr:
+            found.append(f"train.min_lr = {self.min_lr}: must be between 0 and train.lr = {self.lr}")
+        if self.warmup_steps > self.max_steps:
+            found.append(f"train.warmup_steps = {self.warmup_steps}: must not exceed train.max_steps = {self.max_steps}")
+        return found
+
+
+@dataclass(frozen=True)
+class DeepSpeedSection:
+    config: Path = Path("ds_configs/zero1.json")
+    """DeepSpeed's own JSON (ZeRO stage, precision, offload, activation checkpointing)."""
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+    def problems(self) -> list[str]:
+        if self.train.seq_len > self.model.max_seq_len:
+            return [f"train.seq_len = {self.train.seq_len}: must not exceed model.max_seq_len = {self.model.max_seq_len}"]
+        return []
+
+
+def resolve_repo_path(path: Path) -> Path:
+    """A relative path as given if it exists from the working directory, else from the repo root."""
+    if path.is_absolute() or path.exists():
+        return path
+    candidate = REPO_ROOT / path
+    return candidate if candidate.exists() else path
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """`tiny` -> configs/tiny.yaml; a path is returned as given (or found from the repo root)."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml") and not path.exists():
+        path = REPO_ROOT / "configs" / f"{path}.yaml"
+    return resolve_repo_path(path)
+
+
+def load_pretrain_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PretrainConfig:
+    """Loads a YAML preset (name or path) with `section.key=value` overrides; one error for all problems."""
+    return load_config(PretrainConfig, resolve_config_path(path) if path is not None else None, overrides)

@@ -1,0 +1,133 @@
+"""Process-group set-up and the few collective helpers the rest of lmforge asks for.
+
+Works under every launcher users have: plain `python` (one rank), `torchrun`, `deepspeed`,
+`srun` (SLURM_* variables), and `mpirun` (DeepSpeed's MPI discovery through mpi4py).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def normalise_cuda_arch_list() -> None:
+    """DeepSpeed's JIT op builder parses TORCH_CUDA_ARCH_LIST as numbers: '9.0a' -> '9.0'."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if value:
+        parts = value.replace(";", " ").split()
+        cleaned = []
+        for part in parts:
+            ptx = part.endswith("+PTX")
+            number = part.removesuffix("+PTX").rstrip("abf")
+            cleaned.append(number + ("+PTX" if ptx else ""))
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(dict.fromkeys(cleaned))
+
+
+def _adopt_launcher_environment() -> None:
+    """Maps SLURM's variables to torch's, and gives a lone process a one-rank group."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "OMPI_COMM_WORLD_RANK" not in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", "29500")
+    mpi = any(k in env for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"))
+    if "RANK" not in env and not mpi:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed() -> DistributedInfo:
+    """Creates the process group (nccl on GPU, gloo on CPU) and picks this rank's device."""
+    import deepspeed
+    import torch.distributed as dist
+
+    normalise_cuda_arch_list()
+    _adopt_launcher_environment()
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=True, verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    return DistributedInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def is_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (a copy; the input is unchanged)."""
+    import torch.distributed as dist
+
+    out = value.detach().clone()
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= world_size()
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    import torch.distributed as dist
+
+    if not is_initialized() or world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def shutdown() -> None:
+    """Destroys the process group; without it gloo's threads abort the process at exit."""
+    import torch.distributed as dist
+
+    if is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,127 @@
+"""The one place where lmforge's YAML values reach DeepSpeed's JSON.
+
+`ds_configs/*.json` are DeepSpeed's own format. `build_deepspeed_config` fills in what DeepSpeed
+must agree on with our `train` section, and refuses a JSON that says something different:
+
+| DeepSpeed key                         | filled from                                   |
+| ------------------------------------- | --------------------------------------------- |
+| train_micro_batch_size_per_gpu        | train.micro_batch_size                        |
+| gradient_accumulation_steps           | train.grad_accum_steps                        |
+| train_batch_size                      | micro × accumulation × data-parallel ranks    |
+| gradient_clipping                     | train.grad_clip                               |
+| optimizer (AdamW) params              | train.lr, beta1, beta2, adam_eps, weight_decay |
+| scheduler (WarmupCosineLR) params     | train.max_steps, warmup_steps, min_lr / lr    |
+| bf16.enabled = "auto"                 | true where the device trains in bf16 (GPU), else false |
+
+A key the JSON already holds with a different value is an error naming both places. "auto" is
+accepted for any filled key.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+from pretrain.config import TrainConfig
+
+AUTO = "auto"
+
+
+def read_deepspeed_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise LmforgeError(f"deepspeed.config = {path}: file not found (the JSONs live in ds_configs/)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise LmforgeError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{path}: expected a JSON object of DeepSpeed settings")
+    return data
+
+
+def _fill(config: dict, key: str, value: Any, yaml_key: str, source: Path, problems: list[str], where: str = "") -> None:
+    current = config.get(key, AUTO)
+    if current == AUTO or current is None:
+        config[key] = value
+    elif isinstance(value, float) and isinstance(current, (int, float)) and abs(current - value) <= 1e-12 * max(1.0, abs(value)):
+        config[key] = value
+    elif current != value and not (isinstance(current, list) and list(value) == current):
+        problems.append(f"{source}: {where}{key} = {current!r} contradicts {yaml_key} = {value!r}; remove it from the JSON or make them agree")
+
+
+def build_deepspeed_config(path: Path, train: TrainConfig, data_parallel_size: int, bf16_supported: bool) -> dict[str, Any]:
+    """DeepSpeed's JSON at `path` with our values filled in (see the table above)."""
+    source = path
+    config = copy.deepcopy(read_deepspeed_json(path))
+    problems: list[str] = []
+    _fill(config, "train_micro_batch_size_per_gpu", train.micro_batch_size, "train.micro_batch_size", source, problems)
+    _fill(config, "gradient_accumulation_steps", train.grad_accum_steps, "train.grad_accum_steps", source, problems)
+    global_batch = train.micro_batch_size * train.grad_accum_steps * data_parallel_size
+    _fill(config, "train_batch_size", global_batch,
+          f"train.micro_batch_size × train.grad_accum_steps × {data_parallel_size} ranks", source, problems)
+    _fill(config, "gradient_clipping", float(train.grad_clip), "train.grad_clip", source, problems)
+
+    optimizer = config.setdefault("optimizer", {"type": "AdamW"})
+    if str(optimizer.get("type", "AdamW")).lower() not in ("adamw", "adam"):
+        problems.append(f"{source}: optimizer.type = {optimizer.get('type')!r}: lmforge trains with AdamW or Adam")
+    optimizer.setdefault("type", "AdamW")
+    params = optimizer.setdefault("params", {})
+    _fill(params, "lr", train.lr, "train.lr", source, problems, "optimizer.params.")
+    _fill(params, "betas", [train.beta1, train.beta2], "train.beta1/beta2", source, problems, "optimizer.params.")
+    _fill(params, "eps", train.adam_eps, "train.adam_eps", source, problems, "optimizer.params.")
+    _fill(params, "weight_decay", train.weight_decay, "train.weight_decay", source, problems, "optimizer.params.")
+
+    scheduler = config.setdefault("scheduler", {"type": "WarmupCosineLR"})
+    if scheduler.get("type", "WarmupCosineLR") != "WarmupCosineLR":
+        problems.append(f"{source}: scheduler.type = {scheduler.get('type')!r}: lmforge uses WarmupCosineLR (set train.warmup_steps, train.min_lr instead)")
+    scheduler.setdefault("type", "WarmupCosineLR")
+    sched = scheduler.setdefault("params", {})
+    _fill(sched, "total_num_steps", train.max_steps, "train.max_steps", source, problems, "scheduler.params.")
+    _fill(sched, "warmup_num_steps", train.warmup_steps, "train.warmup_steps", source, problems, "scheduler.params.")
+    _fill(sched, "warmup_min_ratio", 0.0, "(linear warmup from 0)", source, problems, "scheduler.params.")
+    _fill(sched, "cos_min_ratio", train.min_lr / train.lr, "train.min_lr / train.lr", source, problems, "scheduler.params.")
+    _fill(sched, "warmup_type", "linear", "(linear warmup)", source, problems, "scheduler.params.")
+
+    bf16 = config.get("bf16", {})
+    if bf16.get("enabled") == AUTO:
+        bf16["enabled"] = bf16_supported
+    fp16 = config.get("fp16", {})
+    if fp16.get("enabled") == AUTO:
+        fp16["enabled"] = False
+    if bf16.get("enabled") and fp16.get("enabled"):
+        problems.append(f"{source}: bf16.enabled and fp16.enabled are both true; choose one")
+    config.setdefault("steps_per_print", 10**9)  # we log ourselves
+    config.setdefault("wall_clock_breakdown", False)
+    if problems:
+        raise LmforgeError("; ".join(problems))
+    return config
+
+
+def precision_of(ds_config: dict[str, Any]) -> str:
+    """'bf16', 'fp16' or 'fp32': the dtype DeepSpeed trains the model in."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if ds_config.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def zero_stage_of(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def activation_checkpoint_every(ds_config: dict[str, Any], n_layers: int) -> int | None:
+    """Checkpoint every k-th block, or None when the JSON has no activation_checkpointing section.
+
+    DeepSpeed's `number_checkpoints` (how many checkpoints the forward pass stores) picks k:
+    absent means every block; K means K blocks spread evenly (k = ceil(n_layers / K)).
+    """
+    section = ds_config.get("activation_checkpointing")
+    if not section:
+        return None
+    count = section.get("number_checkpoints")
+    if not count:
+        return 1
+    return max(1, -(-n_layers // int(count)))

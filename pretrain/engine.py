@@ -1,0 +1,60 @@
+"""Wraps the plain model in a DeepSpeed engine: parameter groups, activation checkpointing, compile."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import deepspeed
+import torch
+import torch.utils.checkpoint
+
+from pretrain.ds_config import activation_checkpoint_every
+from pretrain.model import Transformer
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices of linear layers; not norms, biases or embeddings."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        if param.dim() >= 2 and id(param) not in embedding_ids:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def configure_activation_checkpointing(model: Transformer, ds_config: dict[str, Any]) -> None:
+    """Recompute every k-th block's activations in backward when the JSON asks for it.
+
+    Torch's non-reentrant checkpoint is used (it composes with torch.compile and ZeRO-3); with
+    DeepSpeed's `partition_activations` or `cpu_checkpointing` on, DeepSpeed's own checkpoint is.
+    """
+    every = activation_checkpoint_every(ds_config, model.config.n_layers)
+    if every is None:
+        model.checkpoint_fn = None
+        return
+    section = ds_config["activation_checkpointing"]
+    if section.get("partition_activations") or section.get("cpu_checkpointing"):
+        deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
+        model.checkpoint_fn = deepspeed.checkpointing.checkpoint
+    else:
+        model.checkpoint_fn = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    model.checkpoint_every = every
+
+
+def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool):
+    """Returns the DeepSpeed engine (optimizer and WarmupCosineLR scheduler from the JSON)."""
+    configure_activation_checkpointing(model, ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=parameter_groups(model, weight_decay), config=ds_config
+    )
+    if compile_model:
+        engine.compile()
+    return engine
