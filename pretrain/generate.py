@@ -1,0 +1,55 @@
+"""`lmforge generate --checkpoint RUN_DIR --prompt TEXT`: sample from a trained run."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from lmforge.errors import LmforgeError, run_cli
+from pretrain.run_dir import load_trained_model, tokenizer_model_path
+from pretrain.sampling import generate
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lmforge generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="run directory (its latest checkpoint)")
+    parser.add_argument("--step", type=int, default=None, help="use the checkpoint of this step instead")
+    parser.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=50, help="0 disables")
+    parser.add_argument("--top-p", type=float, default=0.95, help="1 disables")
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from data_prep.tokenizer import Tokenizer
+    from pretrain.checkpoint import tag_for_step
+
+    args = parse_args(argv)
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        raise LmforgeError("--max-new-tokens and --num-samples must be at least 1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tag = tag_for_step(args.step) if args.step is not None else None
+    model, config, tag = load_trained_model(args.checkpoint, tag, device)
+    tokenizer = Tokenizer.load(tokenizer_model_path(config))
+    ids = [tokenizer.bos_id] + tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eod_id]
+    prompt = torch.tensor([ids] * args.num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                   stop_token=tokenizer.eod_id, generator=generator)
+    for row in new.tolist():
+        if tokenizer.eod_id in row:
+            row = row[: row.index(tokenizer.eod_id)]
+        print(f"--- sample ({tag}) ---")
+        print(args.prompt + tokenizer.decode(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
