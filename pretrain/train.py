@@ -22,7 +22,7 @@ import torch
 
 from lmforge.config import save_config
 from lmforge.errors import LmforgeError, run_cli
-from pretrain import checkpoint, distributed
+from pretrain import checkpoint, distributed, faults
 from pretrain.config import PretrainConfig, load_pretrain_config, resolve_repo_path
 from pretrain.data_source import TrainingData, check_data
 from pretrain.ds_config import build_deepspeed_config, precision_of, zero_stage_of
@@ -169,6 +169,7 @@ class Trainer:
                     metrics.write({"step": self.step, "val_loss": val_loss, "val_perplexity": _perplexity(val_loss)})
             if (train.save_interval and self.step % train.save_interval == 0) or self.step == train.max_steps:
                 self.save()
+            faults.after_step(self.step)
         if bar is not None:
             bar.close()
         metrics.close()
