@@ -1,0 +1,75 @@
+"""Atomic writes and checksums: a file either has its final content or does not exist."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LmforgeError
+
+_CHUNK = 1 << 20
+
+
+def temp_path_for(path: Path) -> Path:
+    """A hidden sibling name for `path` that `clean_temp_files` recognises as ours."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def clean_temp_files(directory: Path) -> None:
+    """Removes temp files left by a killed run in `directory`."""
+    for stale in directory.glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def fsync_replace(temp: Path, path: Path) -> None:
+    """Moves a fully written `temp` onto `path` so readers see the old file or the new one."""
+    with open(temp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` through a temp file and a rename."""
+    path = Path(path)
+    temp = temp_path_for(path)
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError as err:
+        temp.unlink(missing_ok=True)
+        raise LmforgeError(f"{path}: cannot write ({err.strerror or err}); choose a writable location") from None
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Writes `data` as indented, key-ordered JSON (byte-identical for equal data)."""
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's content, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ensure_writable_dir(directory: Path) -> Path:
+    """Creates `directory` if needed and checks a file can be written there; one-line error if not."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:
+        raise LmforgeError(f"{directory}: exists and is not a directory; expected an output directory") from None
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise LmforgeError(f"{directory}: output directory is not writable ({reason})") from None
+    return directory
