@@ -108,16 +108,14 @@ class Trainer:
         return batch[:, :-1], batch[:, 1:]
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over grad_accum_steps micro-batches; returns the summed loss (on device)."""
-        total = torch.zeros((), device=self.info.device)
-        for micro in range(self.config.train.grad_accum_steps):
-            inputs, targets = self._to_device(self.data.train_batch(self.step, micro, self.config.train))
-            loss = self.engine(inputs, targets)
-            self.engine.backward(loss)
-            self.engine.step()
-            total += loss.detach().float()
+        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (on device)."""
+        from pretrain.engine import optimizer_step
+
+        train = self.config.train
+        batches = (self._to_device(self.data.train_batch(self.step, m, train)) for m in range(train.grad_accum_steps))
+        loss = optimizer_step(self.engine, batches)
         self.step += 1
-        return total / self.config.train.grad_accum_steps
+        return loss
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
