@@ -11,14 +11,17 @@ is byte-identical to an uninterrupted run. DIR/manifest.json is written last, wh
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -210,25 +213,40 @@ def _batches(corpus: Corpus, options: ShardOptions, resume: dict[str, int], stat
         yield batch
 
 
-def _encoded(batches: Iterator[list], tokenizer: Tokenizer, workers: int) -> Iterator[tuple[list, np.ndarray, np.ndarray]]:
-    """(batch, tokens, lengths) in corpus order; at most 2 tasks per worker in flight (flat memory)."""
+@contextlib.contextmanager
+def _worker_pool(tokenizer: Tokenizer, workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
+    """A pool of `workers` tokenizer processes (None for 1: tokenize in this process).
+
+    fork starts in milliseconds where spawn takes ~0.3 s a worker to import numpy and
+    sentencepiece; it is used only while this process runs no other Python thread.
+    """
     if workers <= 1:
+        yield None
+        return
+    fork_safe = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+    context = multiprocessing.get_context("fork" if fork_safe else "spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer.model_bytes(),)) as pool:
+        yield pool
+
+
+def _encoded(batches: Iterator[list], tokenizer: Tokenizer, pool: multiprocessing.pool.Pool | None,
+             in_flight: int) -> Iterator[tuple[list, np.ndarray, np.ndarray]]:
+    """(batch, tokens, lengths) in corpus order, with at most `in_flight` batches being tokenized."""
+    if pool is None:
         for batch in batches:
             yield (batch, *_encode_documents([item[-1] for item in batch], tokenizer))
         return
     # Pool.imap would read the whole corpus ahead into its task queue; a bounded deque of
     # ordered async results keeps the same order with memory flat in corpus size.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer.model_bytes(),)) as pool:
-        pending: collections.deque = collections.deque()
-        for batch in batches:
-            pending.append((batch, pool.apply_async(_encode_documents, ([item[-1] for item in batch],))))
-            if len(pending) >= 2 * workers:
-                done, result = pending.popleft()
-                yield (done, *result.get())
-        while pending:
+    pending: collections.deque = collections.deque()
+    for batch in batches:
+        pending.append((batch, pool.apply_async(_encode_documents, ([item[-1] for item in batch],))))
+        if len(pending) >= in_flight:
             done, result = pending.popleft()
             yield (done, *result.get())
+    while pending:
+        done, result = pending.popleft()
+        yield (done, *result.get())
 
 
 def _manifest(directory: Path, tokenizer: Tokenizer, spec: CorpusSpec, options: ShardOptions,
@@ -273,8 +291,6 @@ def _resume_points(directory: Path, state: dict[str, Any] | None) -> tuple[dict[
 
 def build_shards(spec: CorpusSpec, tokenizer_path: Path, output_dir: Path, options: ShardOptions, progress: bool = True) -> ShardSummary:
     """Tokenizes the corpus of `spec` into shards in `output_dir`; returns what was done."""
-    from tqdm import tqdm
-
     started = time.perf_counter()
     tokenizer = Tokenizer.load(tokenizer_path)
     directory = ensure_writable_dir(Path(output_dir))
@@ -296,10 +312,30 @@ def build_shards(spec: CorpusSpec, tokenizer_path: Path, output_dir: Path, optio
     writers = {split: _SplitWriter(directory, split, dtype, done[split]) for split in SPLITS}
     next_document = dict(state.get("next_document", {})) if state else {}
     stats: dict[str, Any] = {"digest": hashlib.sha256(), "documents": 0, "bytes": 0}
+    with _worker_pool(tokenizer, options.workers) as pool:  # before tqdm starts its monitor thread
+        batches = _encoded(_batches(corpus, options, resume, stats), tokenizer, pool, 2 * options.workers)
+        _write_batches(batches, writers, options, started, progress,
+                       lambda: _save_partial(directory, tokenizer, spec, options, writers, next_document, run_key),
+                       next_document)
+    corpus_info = {"documents": stats["documents"], "bytes": stats["bytes"], "sha256": stats["digest"].hexdigest(),
+                   "skipped_documents": corpus.skipped_documents}
+    shards = [s for split in SPLITS for s in writers[split].shards]
+    manifest = _manifest(directory, tokenizer, spec, options, shards, corpus_info)
+    atomic_write_json(directory / MANIFEST_FILE, manifest_to_json(manifest, {"run_key": run_key}))
+    (directory / PARTIAL_FILE).unlink(missing_ok=True)
+    return _summary(manifest, sum(w.reused for w in writers.values()), started)
+
+
+def _write_batches(batches: Iterator[tuple[list, np.ndarray, np.ndarray]], writers: dict[str, _SplitWriter],
+                   options: ShardOptions, started: float, progress: bool, save_partial: Callable[[], None],
+                   next_document: dict[str, int]) -> None:
+    """Appends each tokenized document to its split; closes full shards and records progress."""
+    from tqdm import tqdm
+
     bar = tqdm(desc="shards", unit=" docs", disable=not progress)
     tokens_done = 0
     try:
-        for batch, tokens, lengths in _encoded(_batches(corpus, options, resume, stats), tokenizer, options.workers):
+        for batch, tokens, lengths in batches:
             end = 0
             for (number, split, text_bytes, _), length in zip(batch, lengths):
                 writers[split].add(tokens[end : end + length], text_bytes)
@@ -307,7 +343,7 @@ def build_shards(spec: CorpusSpec, tokenizer_path: Path, output_dir: Path, optio
                 if writers[split].open_tokens >= options.shard_tokens:
                     writers[split].close()
                     next_document[writers[split].shards[-1].path] = number + 1
-                    _save_partial(directory, tokenizer, spec, options, writers, next_document, run_key)
+                    save_partial()
             tokens_done += end
             bar.update(len(batch))
             bar.set_postfix(tokens_per_s=f"{tokens_done / (time.perf_counter() - started):,.0f}")
@@ -319,13 +355,6 @@ def build_shards(spec: CorpusSpec, tokenizer_path: Path, output_dir: Path, optio
         raise
     finally:
         bar.close()
-    corpus_info = {"documents": stats["documents"], "bytes": stats["bytes"], "sha256": stats["digest"].hexdigest(),
-                   "skipped_documents": corpus.skipped_documents}
-    shards = [s for split in SPLITS for s in writers[split].shards]
-    manifest = _manifest(directory, tokenizer, spec, options, shards, corpus_info)
-    atomic_write_json(directory / MANIFEST_FILE, manifest_to_json(manifest, {"run_key": run_key}))
-    (directory / PARTIAL_FILE).unlink(missing_ok=True)
-    return _summary(manifest, sum(w.reused for w in writers.values()), started)
 
 
 def _save_partial(directory: Path, tokenizer: Tokenizer, spec: CorpusSpec, options: ShardOptions,

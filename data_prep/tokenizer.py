@@ -71,21 +71,29 @@ def training_chunks(text: str, limit: int) -> Iterator[str]:
 
 
 class _Fingerprinter:
-    """Passes documents through while hashing them and counting documents and bytes."""
+    """Passes documents through while hashing them and counting documents and bytes.
+
+    sentencepiece turns an exception raised inside its sentence iterator into a RuntimeError
+    carrying a traceback, so a reading error is kept in `error` and the iteration just ends.
+    """
 
     def __init__(self) -> None:
         self.digest = hashlib.sha256()
         self.documents = 0
         self.bytes = 0
+        self.error: BaseException | None = None
 
     def feed(self, documents: Iterable[str]) -> Iterator[str]:
-        for text in documents:
-            data = text.encode("utf-8")
-            self.digest.update(len(data).to_bytes(8, "little"))
-            self.digest.update(data)
-            self.documents += 1
-            self.bytes += len(data)
-            yield text
+        try:
+            for text in documents:
+                data = text.encode("utf-8")
+                self.digest.update(len(data).to_bytes(8, "little"))
+                self.digest.update(data)
+                self.documents += 1
+                self.bytes += len(data)
+                yield text
+        except BaseException as err:  # re-raised by train_tokenizer once sentencepiece returns
+            self.error = err
 
 
 def _trainer_arguments(options: TokenizerOptions) -> dict:
@@ -138,7 +146,10 @@ def train_tokenizer(spec: CorpusSpec, options: TokenizerOptions, output_dir: Pat
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=chunks, model_writer=model, **arguments)
     except RuntimeError as err:
-        raise _user_error_from_trainer(err, options, describe_inputs(spec.inputs)) from None
+        if fingerprint.error is None:
+            raise _user_error_from_trainer(err, options, describe_inputs(spec.inputs)) from None
+    if fingerprint.error is not None:
+        raise fingerprint.error
     model_path = output_dir / MODEL_FILE
     atomic_write_bytes(model_path, model.getvalue())
     tokenizer = Tokenizer.load(model_path)
