@@ -84,6 +84,14 @@ class PackedDataset:
             )
         self._permutations: dict[int, FeistelPermutation] = {}
 
+    def __getstate__(self) -> dict:
+        # Pickle the recipe, not the memmaps (which would pickle as full copies of the data).
+        return {"shard_dir": self.shard_dir, "split": self.split, "seq_len": self.seq_len, "seed": self.seed,
+                "manifest": self.manifest}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
     @property
     def vocab_size(self) -> int:
         return self.manifest.tokenizer.vocab_size

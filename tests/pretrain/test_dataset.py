@@ -64,6 +64,15 @@ def test_sample_is_a_pure_function_of_seed_and_index(tiny_corpus_shards):
     assert [a.window_index(i) for i in range(50)] != [c.window_index(i) for i in range(50)]
 
 
+def test_pickled_dataset_is_small_and_samples_the_same(tiny_corpus_shards):
+    import pickle
+
+    ds = PackedDataset(tiny_corpus_shards.shard_dir, "train", SEQ_LEN, seed=3)
+    data = pickle.dumps(ds)
+    assert len(data) < 20_000  # the recipe, not the tokens
+    assert np.array_equal(pickle.loads(data).sample(777), ds.sample(777))
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
 def test_feistel_permutation_is_a_bijection(n):
     perm = FeistelPermutation(n, key=12345)
