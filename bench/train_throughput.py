@@ -10,10 +10,16 @@ MFU (flops per token from pretrain.model over 989 TFLOP/s dense bf16), peak memo
 ratio to the baseline. `--dry-run` runs the tiny preset for two steps on whatever device there is
 (CI uses it so this script cannot rot).
 
-Variant names: `baseline` (torch.compile + autocast bf16 + fused torch AdamW, plain loop), and
+Variant names: `baseline` (what raw PyTorch gives: the same architecture with the tokenizer's
+vocabulary size, torch.compile + autocast bf16 + fused torch AdamW, a plain loop; `baseline:padded`
+pads the vocabulary to a multiple of 128 as lmforge does), and
 `zeroN[:option+option]` for lmforge's path through pretrain.engine with ds_configs/zeroN.json,
-where options are `ckpt` (activation checkpointing on every block), `autocast` (DeepSpeed's
-torch_autocast with fp32 weights instead of its bf16 mode), `eager` (no compile).
+where options are `ckpt` (activation checkpointing on every block), `bf16` (DeepSpeed's
+bf16 mode with bf16 weights instead of the shipped torch_autocast over fp32 weights), `eager` (no compile),
+`enginecompile` (DeepSpeed's engine.compile() instead of compiling the model first), `persist`
+(ZeRO-3 keeps every parameter resident), `nooverlap` (overlap_comm off), `immediate` (bf16
+immediate_grad_update), `deepcompile` (DeepSpeed's DeepCompile through engine.compile()),
+`bigbucket` (500M-element reduce/allgather buckets).
 """
 from __future__ import annotations
 
@@ -100,8 +106,10 @@ def timed(step_fn, batches, warmup: int, steps: int, device) -> float:
     return seconds / steps
 
 
-def run_baseline(config: ModelConfig, args, device, compile_model: bool):
+def run_baseline(config: ModelConfig, options: set[str], args, device, compile_model: bool):
     torch.manual_seed(0)
+    if "padded" not in options:  # raw PyTorch keeps the tokenizer's vocabulary size (50,257 for GPT-2)
+        config = replace(config, pad_vocab_to_multiple=1)
     model = Transformer(config).to(device)
     if compile_model:
         model.compile()
@@ -127,11 +135,22 @@ def lmforge_ds_config(stage: int, options: set[str], args, device) -> dict:
                     grad_accum_steps=1, max_steps=10_000, warmup_steps=10)
     ds_config = build_deepspeed_config(resolve_repo_path(Path(f"ds_configs/zero{stage}.json")), train, 1,
                                        bf16_supported=device.type == "cuda")
-    if "autocast" in options and device.type == "cuda":
-        ds_config["bf16"] = {"enabled": False}
-        ds_config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if "bf16" in options and device.type == "cuda":  # DeepSpeed's bf16 mode instead of the shipped autocast
+        ds_config["torch_autocast"] = {"enabled": False}
+        ds_config["bf16"] = {"enabled": True}
     if "ckpt" in options:
         ds_config["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": False}
+    zero = ds_config.setdefault("zero_optimization", {})
+    if "persist" in options:  # one rank holds every parameter anyway: keep them all resident
+        zero["stage3_param_persistence_threshold"] = 10**12
+    if "nooverlap" in options:
+        zero["overlap_comm"] = False
+    if "deepcompile" in options:
+        ds_config["compile"] = {"deepcompile": True}
+    if "bigbucket" in options:
+        zero.update(reduce_bucket_size=500_000_000, allgather_bucket_size=500_000_000)
+    if "immediate" in options and ds_config.get("bf16", {}).get("enabled"):
+        ds_config["bf16"]["immediate_grad_update"] = True
     return ds_config
 
 
@@ -141,7 +160,9 @@ def run_lmforge(config: ModelConfig, stage: int, options: set[str], args, device
     torch.manual_seed(0)
     model = Transformer(config)
     ds_config = lmforge_ds_config(stage, options, args, device)
-    engine = build_engine(model, ds_config, 0.1, compile_model and "eager" not in options)
+    engine = build_engine(model, ds_config, 0.1, compile_model and not options & {"eager", "enginecompile", "deepcompile"})
+    if compile_model and options & {"enginecompile", "deepcompile"}:
+        engine.compile()
 
     def step(batch):
         return optimizer_step(engine, [batch])
@@ -156,7 +177,7 @@ def measure(variant: str, config: ModelConfig, args, device, compile_model: bool
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     if name == "baseline":
-        step, keep = run_baseline(config, args, device, compile_model)
+        step, keep = run_baseline(config, options, args, device, compile_model)
     elif name.startswith("zero"):
         step, keep = run_lmforge(config, int(name[4:]), options, args, device, compile_model)
     else:
