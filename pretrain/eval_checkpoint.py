@@ -1,0 +1,95 @@
+"""A run's trained weights for eval and export: merged from any ZeRO stage and checked against config.yaml.
+
+ZeRO 1-3 checkpoints (and bf16 ZeRO-0, whose BF16 optimizer shards its fp32 master) are merged by
+DeepSpeed's zero_to_fp32 through `pretrain.checkpoint.consolidated_state_dict`. A plain fp32
+ZeRO-0 checkpoint has no optimizer shards and zero_to_fp32 cannot read it, but its
+`mp_rank_00_model_states.pt` already holds the whole module, which is what DeepSpeed itself loads.
+Every tensor is then checked against the model config.yaml describes, so a config that does not
+match its checkpoint (another vocab, another width) is a one-line error, not a traceback.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LmforgeError
+from pretrain import checkpoint
+from pretrain.config import PretrainConfig
+from pretrain.model import ModelConfig, Transformer
+from pretrain.run_dir import load_run_config
+
+MODULE_STATES = "mp_rank_00_model_states.pt"
+
+
+def _resolve_tag(run_dir: Path, step: int | None) -> str:
+    if step is not None:
+        tag = checkpoint.tag_for_step(step)
+        if not (checkpoint.checkpoints_dir(run_dir) / tag / checkpoint.COMPLETE_MARKER).is_file():
+            available = ", ".join(str(checkpoint.step_of_tag(t)) for t in checkpoint.complete_tags(run_dir)) or "none"
+            raise LmforgeError(f"{run_dir}: no complete checkpoint for --step {step} (complete steps: {available})")
+        return tag
+    tag = checkpoint.latest_tag(run_dir)
+    if tag is None:
+        raise LmforgeError(f"{checkpoint.checkpoints_dir(run_dir)}: no checkpoint found; train first (`lmforge train`)")
+    return tag
+
+
+def _zero0_module_state(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / MODULE_STATES
+    if not path.is_file():
+        raise LmforgeError(f"{path}: missing; the checkpoint is incomplete (retrain, or pick another --step)")
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=False)
+        module = states["module"]
+    except Exception as err:  # a truncated or foreign file: pickle, zip and key errors alike
+        raise LmforgeError(f"{path}: unreadable DeepSpeed model states ({type(err).__name__}: {err})") from None
+    return {k: v.float() for k, v in module.items()}
+
+
+def run_state_dict(run_dir: Path, step: int | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """fp32 weights of the run's checkpoint at `step` (None: latest), and its tag."""
+    run_dir = Path(run_dir)
+    tag = _resolve_tag(run_dir, step)
+    folder = checkpoint.checkpoints_dir(run_dir) / tag
+    if not any(folder.glob("*optim_states.pt")):
+        return _zero0_module_state(folder), tag
+    return checkpoint.consolidated_state_dict(run_dir, tag)
+
+
+def _describe(model: ModelConfig) -> str:
+    return (f"{model.arch}, vocab_size {model.vocab_size} padded to {model.padded_vocab_size}, d_model {model.d_model}, "
+            f"{model.n_layers} layers, {model.n_heads} heads / {model.kv_heads} kv heads, d_ff {model.hidden_dim}")
+
+
+def check_state_dict(state: dict[str, torch.Tensor], model: ModelConfig, where: str) -> None:
+    """Raises one LmforgeError if `state` is not exactly the weights of a Transformer(model)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(model).state_dict().items()}
+    problems = []
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        problems.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+    for name, shape in expected.items():
+        if name in state and tuple(state[name].shape) != shape:
+            problems.append(f"{name} has shape {tuple(state[name].shape)}, the config needs {shape}")
+    if problems:
+        raise LmforgeError(f"{where}: weights do not match the config's model ({_describe(model)}): {'; '.join(problems[:4])}")
+
+
+def load_checked_model(run_dir: Path, step: int | None = None) -> tuple[Transformer, PretrainConfig, str]:
+    """The run's model (CPU, fp32, eval mode) with its checkpoint's weights, and its config and tag."""
+    config = load_run_config(run_dir)
+    if config.model.vocab_size is None:
+        raise LmforgeError(f"{Path(run_dir) / 'config.yaml'}: model.vocab_size is null; a trained run's config names it")
+    state, tag = run_state_dict(run_dir, step)
+    if config.model.tied and "embed.weight" in state:
+        state.setdefault("lm_head.weight", state["embed.weight"])
+    where = f"{checkpoint.checkpoints_dir(run_dir) / tag} with {Path(run_dir) / 'config.yaml'}"
+    check_state_dict(state, config.model, where)
+    model = Transformer(config.model)
+    model.load_state_dict(state)
+    return model.eval(), config, tag
