@@ -1,0 +1,201 @@
+"""What every post-training verb does before and around its loop: resolve the starting run, the model
+section and the tokenizer, merge the DeepSpeed JSON, check the run directory (all before any process
+group exists), then load starting weights and save config.yaml + tokenizer.model into the run dir.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from lmforge.config import config_from_mapping, read_yaml_mapping, save_config
+from lmforge.errors import LmforgeError
+from posttrain.config import PosttrainConfig, load_posttrain_config
+from posttrain.heads import ScalarHeadModel
+from pretrain import checkpoint
+from pretrain.config import TrainConfig, resolve_repo_path
+from pretrain.ds_config import build_deepspeed_config
+from pretrain.model import ModelConfig, Transformer
+
+TOKENIZER_COPY = "tokenizer.model"
+
+
+def parse_args(verb: str, description: str, default_config: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"lmforge {verb}", description=description)
+    parser.add_argument("--config", default=default_config,
+                        help=f"preset name in configs/posttrain/ or a YAML path (default: {default_config})")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def launcher_world_size() -> int:
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 1
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass(frozen=True)
+class _ModelOnly:
+    model: ModelConfig
+
+
+def run_model_config(run_dir: Path) -> ModelConfig:
+    """The `model` section of RUN_DIR/config.yaml (any lmforge run: pretrain, import-hf, post-training)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise LmforgeError(f"init.from_run = {run_dir}: not an lmforge run directory (no config.yaml)")
+    data = read_yaml_mapping(path)
+    if not isinstance(data.get("model"), dict):
+        raise LmforgeError(f"{path}: has no model section")
+    return config_from_mapping(_ModelOnly, {"model": data["model"]}, str(path)).model
+
+
+def run_tokenizer_path(run_dir: Path) -> Path:
+    """The tokenizer a run was trained with: RUN_DIR/tokenizer.model, its init.tokenizer, or beside its shards."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir / TOKENIZER_COPY]
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        data = read_yaml_mapping(config_path)
+        init_tokenizer = (data.get("init") or {}).get("tokenizer")
+        if init_tokenizer:
+            candidates.append(resolve_repo_path(Path(init_tokenizer)))
+        shard_dirs = (data.get("data") or {}).get("path")
+        if isinstance(shard_dirs, (str, list)) and shard_dirs:
+            first = shard_dirs if isinstance(shard_dirs, str) else shard_dirs[0]
+            candidates.append(resolve_repo_path(Path(first)) / TOKENIZER_COPY)
+    for path in candidates:
+        path = path / TOKENIZER_COPY if path.is_dir() else path
+        if path.is_file():
+            return path
+    raise LmforgeError(f"init.from_run = {run_dir}: its tokenizer was not found ({', '.join(map(str, candidates))}); "
+                       "set init.tokenizer=PATH")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked config (model section and tokenizer resolved), its DeepSpeed JSON and tokenizer."""
+
+    config: PosttrainConfig
+    ds_config: dict[str, Any]
+    tokenizer: Any
+
+
+def _resolve_model(config: PosttrainConfig) -> ModelConfig:
+    if config.init.from_run is None:
+        return config.model
+    run_dir = resolve_repo_path(config.init.from_run)
+    model = run_model_config(run_dir)
+    if config.model not in (ModelConfig(), model):
+        raise LmforgeError(f"model: the model section comes from init.from_run = {run_dir}/config.yaml; "
+                           "remove it (or set init.from_run to null to train from scratch)")
+    return model
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_probe{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise LmforgeError(f"run.dir = {run_dir}: not writable ({err.strerror})") from None
+
+
+def prepare_job(config: PosttrainConfig, world_size: int, train: TrainConfig | None = None) -> Job:
+    """Checks everything a verb needs before any process group; `train` overrides the section given to DeepSpeed."""
+    from data_prep.tokenizer import Tokenizer
+
+    init = config.init
+    if init.from_run is not None:
+        run_dir = resolve_repo_path(init.from_run)
+        tag = init.tag or checkpoint.latest_tag(run_dir)
+        if tag is None or not (checkpoint.checkpoints_dir(run_dir) / tag / checkpoint.COMPLETE_MARKER).is_file():
+            raise LmforgeError(f"init.from_run = {run_dir}: no complete checkpoint{f' {tag}' if tag else ''} there")
+        init = replace(init, from_run=run_dir, tag=tag)
+    model = _resolve_model(config)
+    tokenizer_path = resolve_repo_path(init.tokenizer) if init.tokenizer is not None else run_tokenizer_path(init.from_run)
+    tokenizer = Tokenizer.load(tokenizer_path)
+    if model.vocab_size is None:
+        model = model.with_vocab(tokenizer.vocab_size)
+    elif model.vocab_size != tokenizer.vocab_size:
+        raise LmforgeError(f"model.vocab_size = {model.vocab_size} but the tokenizer {tokenizer_path} has "
+                           f"{tokenizer.vocab_size} tokens; set init.tokenizer to the one the model was trained with")
+    problems = model.problems()
+    if config.train.seq_len > model.max_seq_len:
+        problems.append(f"train.seq_len = {config.train.seq_len}: must not exceed model.max_seq_len = {model.max_seq_len}")
+    if problems:
+        raise LmforgeError("; ".join(problems))
+    tokenizer_path = tokenizer.model_path or tokenizer_path
+    config = replace(config, model=model, init=replace(init, tokenizer=Path(tokenizer_path)))
+    ds_path = resolve_repo_path(config.deepspeed.config)
+    ds_config = build_deepspeed_config(ds_path, train or config.train, world_size, bf16_supported())
+    _check_writable(config.run.dir)
+    return Job(config, ds_config, tokenizer)
+
+
+def start_ranks(job: Job, train: TrainConfig | None = None):
+    """Creates the process group; returns (job, DistributedInfo), the job re-merged if MPI only now told the world size."""
+    from pretrain import distributed
+
+    info = distributed.init_distributed()
+    if info.world_size != launcher_world_size():
+        job = prepare_job(job.config, info.world_size, train)
+    return job, info
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Loads a consolidated state dict into a Transformer or a ScalarHeadModel.
+
+    A plain LM's weights go into a ScalarHeadModel's trunk (its head stays at zero); a ScalarHeadModel's
+    weights (keys `lm.*`, `head.*`) load as they are. A tied LM head may be absent from the state.
+    """
+    target = module
+    if isinstance(module, ScalarHeadModel) and not any(k.startswith("lm.") for k in state):
+        target = module.lm
+    elif isinstance(module, Transformer) and any(k.startswith("lm.") for k in state):
+        raise LmforgeError(f"{source}: holds a reward/value model (scalar head); a language model run is needed here")
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight") or not module.config.tied]
+    if missing or unexpected:
+        raise LmforgeError(f"{source}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def starting_state(run_dir: Path, tag: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    """fp32 weights of a run's checkpoint (any ZeRO stage) and the tag read."""
+    return checkpoint.consolidated_state_dict(run_dir, tag)
+
+
+def build_initial(config: PosttrainConfig, kind: type, seed_offset: int = 0) -> torch.nn.Module:
+    """A Transformer or ScalarHeadModel with init.from_run's weights, or seeded random weights."""
+    torch.manual_seed(config.train.seed + seed_offset)
+    module = kind(config.model)
+    if config.init.from_run is not None:
+        state, tag = starting_state(config.init.from_run, config.init.tag)
+        load_weights(module, state, str(checkpoint.checkpoints_dir(config.init.from_run) / tag))
+    return module
+
+
+def save_run_files(job: Job, main: bool) -> None:
+    """RUN_DIR/config.yaml (resolved) and RUN_DIR/tokenizer.model, on the main rank, atomically."""
+    if not main:
+        return
+    run_dir = job.config.run.dir
+    save_config(job.config, run_dir / "config.yaml")
+    target = run_dir / TOKENIZER_COPY
+    source = Path(job.config.init.tokenizer)
+    if source.resolve() != target.resolve():
+        tmp = target.with_name(f".{TOKENIZER_COPY}.tmp{os.getpid()}")
+        shutil.copyfile(source, tmp)
+        tmp.replace(target)

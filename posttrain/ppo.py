@@ -1,0 +1,130 @@
+"""RLHF with PPO: `lmforge ppo --set init.from_run=SFT_RUN --set ppo.reward_run=REWARD_RUN --set data.train=PROMPTS.jsonl`.
+
+Actor (the policy, from init.from_run) and critic (a value head, from the reward model or the
+policy) are DeepSpeed engines; the reference (a frozen copy of the starting policy) and the reward
+model are frozen (plain modules or ZeRO-3 inference engines). One iteration (train.max_steps counts
+them): sample ppo.rollout_batch_size prompts per rank, generate with the KV cache, score, add the
+per-token KL penalty, compute GAE advantages, then ppo.epochs passes of clipped policy and value
+updates in minibatches of train.micro_batch_size × train.grad_accum_steps. Metrics go to
+RUN_DIR/metrics.jsonl; the actor's checkpoints to RUN_DIR/checkpoints, the critic's to RUN_DIR/critic.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lmforge.errors import LmforgeError, run_cli
+from posttrain.config import PosttrainConfig, load_posttrain_config
+from posttrain.formats import PROMPT_SHAPE, parse_prompt, split_records
+from posttrain.job import (Job, bf16_supported, launcher_world_size, parse_args, prepare_job, run_model_config,
+                           run_tokenizer_path, start_ranks)
+from posttrain.template import render_prompt
+from pretrain import distributed
+from pretrain.config import TrainConfig, resolve_repo_path
+from pretrain.ds_config import build_deepspeed_config
+
+
+def updates_per_iteration(config: PosttrainConfig) -> int:
+    t, p = config.train, config.ppo
+    return p.epochs * (p.rollout_batch_size // (t.micro_batch_size * t.grad_accum_steps))
+
+
+def actor_train_section(config: PosttrainConfig) -> TrainConfig:
+    """train.* with max_steps/warmup_steps in optimizer steps (the YAML counts PPO iterations), for DeepSpeed's schedule."""
+    n = max(1, updates_per_iteration(config))
+    t = config.train
+    return replace(t, max_steps=t.max_steps * n, warmup_steps=t.warmup_steps * n)
+
+
+def critic_train_section(config: PosttrainConfig) -> TrainConfig:
+    actor = actor_train_section(config)
+    lr = config.ppo.critic_lr
+    return replace(actor, lr=lr, min_lr=lr * actor.min_lr / actor.lr)
+
+
+@dataclass(frozen=True)
+class PPOJob:
+    job: Job
+    critic_ds_config: dict[str, Any]
+    prompts: list[list[int]]
+    reward_model_config: Any
+    """The reward run's ModelConfig, or None with a reward function."""
+
+
+def check_ppo(config: PosttrainConfig) -> list[str]:
+    p, t = config.ppo, config.train
+    found = []
+    if (p.reward_run is None) == (p.reward_function is None):
+        found.append("ppo.reward_run and ppo.reward_function: set exactly one (a reward-model run, or a programmatic reward)")
+    if p.rollout_batch_size % (t.micro_batch_size * t.grad_accum_steps):
+        found.append(f"ppo.rollout_batch_size = {p.rollout_batch_size}: must be a multiple of train.micro_batch_size × "
+                     f"train.grad_accum_steps = {t.micro_batch_size * t.grad_accum_steps}")
+    if p.critic_from == "reward" and p.reward_run is None:
+        found.append("ppo.critic_from = 'reward' needs ppo.reward_run; use 'policy' with a reward function")
+    if config.data.train is None:
+        found.append("data.train is required: a JSONL file of " + PROMPT_SHAPE)
+    return found
+
+
+def prepare_ppo(config: PosttrainConfig, world_size: int) -> PPOJob:
+    """Every check before any process group: config, prompts, reward run and its tokenizer, both DeepSpeed JSONs."""
+    from data_prep.tokenizer import Tokenizer
+    from posttrain.rewards import resolve_reward_function
+
+    if problems := check_ppo(config):
+        raise LmforgeError("; ".join(problems))
+    job = prepare_job(config, world_size, actor_train_section(config))
+    cfg = job.config
+    total = cfg.data.max_prompt_len + cfg.ppo.max_new_tokens
+    if total > cfg.model.max_seq_len:
+        raise LmforgeError(f"data.max_prompt_len + ppo.max_new_tokens = {total}: must not exceed model.max_seq_len = "
+                           f"{cfg.model.max_seq_len}")
+    reward_config = None
+    if cfg.ppo.reward_run is not None:
+        reward_run = resolve_repo_path(cfg.ppo.reward_run)
+        reward_config = run_model_config(reward_run)
+        if Tokenizer.load(run_tokenizer_path(reward_run)).fingerprint != job.tokenizer.fingerprint:
+            raise LmforgeError(f"ppo.reward_run = {reward_run}: trained with another tokenizer than the policy's "
+                               f"({cfg.init.tokenizer})")
+        job = replace(job, config=replace(cfg, ppo=replace(cfg.ppo, reward_run=reward_run)))
+    else:
+        resolve_reward_function(cfg.ppo.reward_function)
+    if cfg.ppo.monitor_function is not None:
+        resolve_reward_function(cfg.ppo.monitor_function, "ppo.monitor_function")
+    records, _ = split_records(cfg.data.train, None, 0.0, parse_prompt, PROMPT_SHAPE)
+    prompts = [render_prompt(job.tokenizer, p, cfg.data.max_prompt_len) for p in records]
+    critic_ds = build_deepspeed_config(resolve_repo_path(cfg.deepspeed.config), critic_train_section(cfg), world_size,
+                                       bf16_supported())
+    return PPOJob(job, critic_ds, prompts, reward_config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from posttrain.ppo_trainer import PPOTrainer
+
+    args = parse_args("ppo", __doc__.splitlines()[0], "ppo", argv)
+    config = load_posttrain_config(args.config, args.set)
+    ppo_job = prepare_ppo(config, launcher_world_size())
+    job, info = start_ranks(ppo_job.job, actor_train_section(ppo_job.job.config))
+    if job is not ppo_job.job:
+        ppo_job = prepare_ppo(job.config, info.world_size)
+    try:
+        trainer = PPOTrainer(ppo_job, info)
+        started = time.perf_counter()
+        last = trainer.run()
+        if distributed.is_main() and last:
+            keys = ("reward", "kl", "kl_coef", "entropy", "clip_fraction", "value_loss", "response_length")
+            summary = ", ".join(f"{k}={last[k]:.4g}" for k in keys if isinstance(last.get(k), float))
+            print(f"ppo done at iteration {trainer.step} ({time.perf_counter() - started:.0f}s): {summary}", flush=True)
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,186 @@
+"""The PPO loop: four models, rollouts, minibatch updates, metrics, checkpoints and resume (see posttrain/ppo.py)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from posttrain.batches import ExampleOrder
+from posttrain.engine import DTYPES, build_frozen
+from posttrain.heads import ScalarHeadModel
+from posttrain.job import build_initial, load_weights, save_run_files, starting_state
+from posttrain.loop import mean_over_ranks
+from posttrain.losses import (KLController, RunningMoments, clipped_policy_loss, clipped_value_loss,
+                              entropy_from_logits, masked_mean, token_logprobs)
+from posttrain.ppo import PPOJob
+from posttrain.rewards import call_reward_function, resolve_reward_function
+from posttrain.rollout import Experience, Samples, experience_stats, make_experience, response_slice, sample, score_with_model
+from pretrain import checkpoint, distributed
+from pretrain.ds_config import precision_of
+from pretrain.engine import build_engine
+from pretrain.metrics import MetricsWriter, memory_gb
+from pretrain.model import Transformer
+
+CRITIC_DIR = "critic"
+
+
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    return distributed.all_reduce_mean(x) * distributed.world_size()
+
+
+class PPOTrainer:
+    def __init__(self, ppo_job: PPOJob, info: distributed.DistributedInfo):
+        self.ppo_job, self.job, self.info = ppo_job, ppo_job.job, info
+        cfg = self.config = self.job.config
+        self.tokenizer = self.job.tokenizer
+        self.dtype = DTYPES[precision_of(self.job.ds_config)]
+        train = cfg.train
+        self.actor = build_engine(build_initial(cfg, Transformer), self.job.ds_config, train.weight_decay, train.compile)
+        self.reference = build_frozen(build_initial(cfg, Transformer), self.job.ds_config, cfg.ppo.frozen_models, info.device)
+        self.critic = build_engine(self._critic_module(), ppo_job.critic_ds_config, train.weight_decay, train.compile)
+        self.reward_model = None
+        if cfg.ppo.reward_run is not None:
+            self.reward_model = build_frozen(self._reward_module(), self.job.ds_config, cfg.ppo.frozen_models, info.device)
+        self.reward_function = resolve_reward_function(cfg.ppo.reward_function) if cfg.ppo.reward_function else None
+        self.monitor = resolve_reward_function(cfg.ppo.monitor_function, "ppo.monitor_function") if cfg.ppo.monitor_function else None
+        self.kl = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+        self.moments = RunningMoments(_sum_over_ranks)
+        self.order = ExampleOrder(ppo_job.prompts, train.seed)
+        self.step = 0
+        self._resume()
+
+    def _reward_module(self) -> ScalarHeadModel:
+        run = self.config.ppo.reward_run
+        module = ScalarHeadModel(self.ppo_job.reward_model_config)
+        state, tag = starting_state(run, None)
+        load_weights(module, state, str(checkpoint.checkpoints_dir(run) / tag))
+        return module
+
+    def _critic_module(self) -> ScalarHeadModel:
+        source = self.config.ppo.critic_from
+        if source == "reward" or (source == "auto" and self.config.ppo.reward_run is not None):
+            return self._reward_module()
+        return build_initial(self.config, ScalarHeadModel)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _client_state(self) -> dict[str, Any]:
+        return {"step": self.step, "verb": "ppo", "kl_coef": self.kl.coef, "moments": self.moments.state(),
+                "seed": self.config.train.seed, "world_size": self.info.world_size}
+
+    def save(self) -> None:
+        run_dir, keep = self.config.run.dir, self.config.train.keep_last
+        checkpoint.save(self.critic, run_dir / CRITIC_DIR, self.step, self._client_state(), keep)
+        checkpoint.save(self.actor, run_dir, self.step, self._client_state(), keep)  # `latest` last: both are there
+
+    def _resume(self) -> None:
+        from posttrain.loop import resume
+
+        run_dir = self.config.run.dir
+        self.step = resume(self.actor, run_dir, "ppo")
+        if self.step:
+            state = checkpoint.load(self.critic, run_dir / CRITIC_DIR, checkpoint.tag_for_step(self.step))
+            self.kl.coef = float(state["kl_coef"])
+            self.moments.load(state["moments"])
+
+    # ---- rollouts ----------------------------------------------------------------------------
+    def _texts(self, samples: Samples) -> tuple[list[str], list[str]]:
+        eod = self.tokenizer.eod_id
+        prompts = [self.tokenizer.decode(p) for p in samples.prompts()]
+        responses = [self.tokenizer.decode(r[:-1] if r and r[-1] == eod else r) for r in samples.responses()]
+        return prompts, responses
+
+    def _score(self, samples: Samples) -> torch.Tensor:
+        if self.reward_model is not None:
+            return score_with_model(self.reward_model, samples, self.tokenizer.eod_id, self.tokenizer.pad_id)
+        return call_reward_function(self.reward_function, *self._texts(samples), self.info.device)
+
+    def _normalise(self, scores: torch.Tensor) -> torch.Tensor:
+        ppo = self.config.ppo
+        if ppo.whiten_rewards:
+            self.moments.update(scores)
+            scores = (scores - self.moments.mean) / self.moments.std
+        return scores.clamp(-ppo.reward_clip, ppo.reward_clip) if ppo.reward_clip > 0 else scores
+
+    def _generator(self, salt: int) -> torch.Generator:
+        seed = (self.config.train.seed * 1_000_003 + self.step * 7919 + self.info.rank * 104_729 + salt) % 2**63
+        return torch.Generator().manual_seed(seed)
+
+    def rollout(self) -> Experience:
+        ppo = self.config.ppo
+        prompts = self.order.micro_batch(self.step, 0, ppo.rollout_batch_size, 1, self.info.rank, self.info.world_size)
+        self.actor.eval()
+        self.critic.eval()
+        samples = sample(self.actor, self.config.model, prompts, ppo.max_new_tokens, ppo.temperature, ppo.top_k,
+                         self.tokenizer.eod_id, self.tokenizer.pad_id, self._generator(0), self.info.device, self.dtype)
+        return make_experience(samples, self.actor, self.critic, self.reference, self._score, self._normalise,
+                               self.kl.coef, ppo.temperature, ppo.gamma, ppo.lam)
+
+    # ---- updates -----------------------------------------------------------------------------
+    def update(self, exp: Experience) -> dict[str, torch.Tensor]:
+        ppo, train = self.config.ppo, self.config.train
+        self.actor.train()
+        self.critic.train()
+        seq, mask = exp.samples.sequences, exp.mask
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for epoch in range(ppo.epochs):
+            order = torch.randperm(seq.shape[0], generator=self._generator(1 + epoch)).to(seq.device)
+            for start in range(0, seq.shape[0], train.micro_batch_size):
+                idx = order[start : start + train.micro_batch_size]
+                logits = self.actor(seq[idx])
+                logp = response_slice(token_logprobs(logits, seq[idx], ppo.temperature), exp.samples)
+                policy_loss, clip_fraction, approx_kl = clipped_policy_loss(
+                    logp, exp.old_logprobs[idx], exp.advantages[idx], mask[idx], ppo.clip_range)
+                entropy = masked_mean(response_slice(entropy_from_logits(logits[:, :-1].float() / ppo.temperature),
+                                                     exp.samples), mask[idx])
+                self.actor.backward(policy_loss)
+                self.actor.step()
+                values = response_slice(self.critic(seq[idx])[:, :-1], exp.samples)
+                value_loss = clipped_value_loss(values, exp.old_values[idx], exp.returns[idx], mask[idx], ppo.value_clip_range)
+                self.critic.backward(value_loss)
+                self.critic.step()
+                stats = {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(),
+                         "clip_fraction": clip_fraction, "approx_kl": approx_kl, "entropy": entropy.detach()}
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value.float()
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        main = distributed.is_main()
+        save_run_files(self.job, main)
+        metrics = MetricsWriter(cfg.run.dir, main, cfg.run.tensorboard, self.step)
+        bar = None
+        if main and cfg.run.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="ppo", unit="iter", dynamic_ncols=True)
+        last: dict[str, Any] = {}
+        while self.step < cfg.train.max_steps:
+            clock = time.perf_counter()
+            exp = self.rollout()
+            rollout_seconds = time.perf_counter() - clock
+            stats = {**experience_stats(exp), **self.update(exp)}
+            if self.monitor is not None:
+                prompts, responses = self._texts(exp.samples)
+                stats["monitor"] = call_reward_function(self.monitor, prompts, responses, self.info.device).mean()
+            record = mean_over_ranks(stats)
+            kl_coef = self.kl.coef
+            self.kl.update(record["kl"], cfg.ppo.rollout_batch_size * self.info.world_size)
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+            if self.step % cfg.run.log_interval == 0 or self.step == cfg.train.max_steps:
+                last = {"step": self.step, **record, "kl_coef": kl_coef, "lr": float(self.actor.get_lr()[0]),
+                        "critic_lr": float(self.critic.get_lr()[0]), "rollout_seconds": rollout_seconds,
+                        "seconds": time.perf_counter() - clock, "memory_gb": memory_gb(self.info.device)}
+                metrics.write(last)
+            if (cfg.train.save_interval and self.step % cfg.train.save_interval == 0) or self.step == cfg.train.max_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        metrics.close()
+        return last

@@ -1,0 +1,88 @@
+"""The demo's verifiable preference: does a code completion keep the program valid Python?
+
+Prompts are prefixes of standard-library functions, cut after a complete statement of the body
+(so each prompt parses on its own). A completion is judged by its complete lines (a last line cut
+off by the token budget is dropped): it is valid when it has at least one non-blank complete line
+and `ast.parse` accepts prompt + those lines, or accepts them once a `pass` closes a block the last
+line opened (a completion may stop right after `if x:`).
+"""
+from __future__ import annotations
+
+import ast
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+
+def parses(source: str) -> bool:
+    try:
+        ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return True
+
+
+def complete_lines(completion: str) -> str:
+    """The completion up to and including its last newline."""
+    end = completion.rfind("\n")
+    return completion[: end + 1] if end >= 0 else ""
+
+
+def _viable(source: str) -> bool:
+    if parses(source):
+        return True
+    last = source.rstrip("\n").rsplit("\n", 1)[-1]
+    if last.rstrip().endswith(":"):
+        indent = last[: len(last) - len(last.lstrip())]
+        return parses(source + indent + "    pass\n")
+    return False
+
+
+def completion_is_valid(prompt: str, completion: str) -> bool:
+    """True when the completion's complete lines are non-blank and keep prompt + completion valid Python."""
+    lines = complete_lines(completion)
+    return bool(lines.strip()) and _viable(prompt + lines)
+
+
+def valid_line_count(prompt: str, completion: str) -> int:
+    """How many of the completion's complete lines can be kept with the program still valid (the longest valid prefix)."""
+    lines = complete_lines(completion).splitlines(keepends=True)
+    for n in range(len(lines), 0, -1):
+        if "".join(lines[:n]).strip() and _viable(prompt + "".join(lines[:n])):
+            return n
+    return 0
+
+
+@dataclass(frozen=True)
+class FunctionPrompt:
+    source: str
+    """Where it comes from: path:line."""
+    prompt: str
+    """The function's header and first body statements, dedented, ending with a newline."""
+
+
+def function_prompts(path: Path, max_statements: int = 2, max_chars: int = 400) -> Iterator[FunctionPrompt]:
+    """One prompt per function (and method) of a file with at least two more statements left to write.
+
+    The prompt is the function up to the end of its first 1..max_statements body statements (more
+    for longer functions, fixed by position so the set is deterministic), dedented.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+        tree = ast.parse(text)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return
+    lines = text.splitlines(keepends=True)
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 3:
+            continue
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+        keep = 1 + (node.lineno % max_statements)
+        keep = min(keep, len(node.body) - 2)
+        end = node.body[keep - 1].end_lineno
+        prompt = textwrap.dedent("".join(lines[start:end]))
+        if not prompt.endswith("\n"):
+            prompt += "\n"
+        if len(prompt) <= max_chars and parses(prompt):
+            yield FunctionPrompt(f"{path}:{node.lineno}", prompt)

@@ -1,0 +1,123 @@
+"""Supervised fine-tuning: `lmforge sft --set init.from_run=RUN_DIR --set data.train=FILE.jsonl`.
+
+The loss is the cross-entropy of response tokens only (prompt and padding targets are ignored);
+with data.packing several examples share a row. Any ZeRO stage through deepspeed.config. Also
+runs under torchrun / deepspeed / mpirun / srun like `lmforge train`.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from lmforge.errors import LmforgeError, run_cli
+from posttrain.batches import EvalChunk, ExampleOrder, eval_chunks, lm_inputs_and_targets, pack
+from posttrain.config import load_posttrain_config
+from posttrain.formats import SFT_SHAPE, parse_sft, split_records
+from posttrain.job import Job, build_initial, launcher_world_size, parse_args, prepare_job, start_ranks
+from posttrain.losses import sft_loss
+from posttrain.template import Rendered, render_sft
+from pretrain import distributed
+from pretrain.model import Transformer, token_cross_entropy
+
+
+@dataclass(frozen=True)
+class SFTData:
+    train: list[Rendered]
+    valid: list[Rendered]
+    dropped: int
+    """Examples with no response token left after truncation to train.seq_len."""
+
+
+def load_sft_data(job: Job) -> SFTData:
+    """Reads, checks and renders data.train / data.valid (packing the train rows if asked)."""
+    cfg = job.config
+    if cfg.data.train is None:
+        raise LmforgeError("data.train is required: a JSONL file of " + SFT_SHAPE)
+    train, valid = split_records(cfg.data.train, cfg.data.valid, cfg.data.valid_fraction, parse_sft, SFT_SHAPE)
+
+    def render(examples):
+        rows = [render_sft(job.tokenizer, ex, cfg.data.max_prompt_len, cfg.train.seq_len) for ex in examples]
+        kept = [r for r in rows if any(r.learned[1:])]  # the first id is never a target
+        return kept, len(rows) - len(kept)
+
+    train_rows, dropped = render(train)
+    valid_rows, dropped_valid = render(valid)
+    if not train_rows:
+        raise LmforgeError(f"{cfg.data.train}: no example keeps a response token within train.seq_len = "
+                           f"{cfg.train.seq_len}; raise train.seq_len or lower data.max_prompt_len")
+    if cfg.data.packing:
+        order = np.random.default_rng(cfg.train.seed).permutation(len(train_rows))
+        train_rows = pack([train_rows[i] for i in order], cfg.train.seq_len)
+    return SFTData(train_rows, valid_rows, dropped + dropped_valid)
+
+
+class SFTStep:
+    """The loss of one micro-batch, and the evaluation on the valid rows."""
+
+    def __init__(self, job: Job, engine, data: SFTData, info: distributed.DistributedInfo):
+        self.job, self.engine, self.data, self.info = job, engine, data, info
+        self.order = ExampleOrder(data.train, job.config.train.seed)
+
+    def _tensors(self, rows: Sequence[Rendered]):
+        inputs, targets = lm_inputs_and_targets(rows, self.job.tokenizer.pad_id)
+        return inputs.to(self.info.device), targets.to(self.info.device)
+
+    def micro_loss(self, step: int, micro: int):
+        t = self.job.config.train
+        rows = self.order.micro_batch(step, micro, t.micro_batch_size, t.grad_accum_steps, self.info.rank, self.info.world_size)
+        inputs, targets = self._tensors(rows)
+        loss = sft_loss(self.engine(inputs), targets)
+        return loss, {"response_tokens": (targets != -100).sum().float()}
+
+    def evaluate(self) -> dict[str, float]:
+        from posttrain.loop import weighted_mean_over_ranks
+
+        if not self.data.valid:
+            return {}
+        total, count = torch.zeros((), device=self.info.device), torch.zeros((), device=self.info.device)
+        chunk: EvalChunk
+        for chunk in eval_chunks(self.data.valid, self.job.config.train.micro_batch_size, self.info.rank, self.info.world_size):
+            inputs, targets = self._tensors(chunk.items)
+            per_token = token_cross_entropy(self.engine(inputs), targets)
+            weights = torch.tensor(chunk.weights, device=self.info.device)[:, None] * (targets != -100).float()
+            total += (per_token * weights).sum()
+            count += weights.sum()
+        return weighted_mean_over_ranks({"loss": total}, count)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from posttrain.loop import SupervisedLoop, print_summary
+    from pretrain.engine import build_engine
+
+    args = parse_args("sft", __doc__.splitlines()[0], "sft", argv)
+    config = load_posttrain_config(args.config, args.set)
+    job = prepare_job(config, launcher_world_size())
+    data = load_sft_data(job)
+    job, info = start_ranks(job)
+    try:
+        cfg = job.config
+        model = build_initial(cfg, Transformer)
+        engine = build_engine(model, job.ds_config, cfg.train.weight_decay, cfg.train.compile)
+        loop = SupervisedLoop(job, engine, "sft")
+        if distributed.is_main():
+            print(f"sft: {len(data.train)} train rows{' (packed)' if cfg.data.packing else ''}, {len(data.valid)} valid, "
+                  f"{data.dropped} dropped (no response within train.seq_len), {info.world_size} rank(s), "
+                  f"run dir {cfg.run.dir}", flush=True)
+        step = SFTStep(job, engine, data, info)
+        last = loop.run(step.micro_loss, step.evaluate)
+        print_summary("sft", loop.step, last)
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
