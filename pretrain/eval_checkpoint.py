@@ -1,9 +1,11 @@
 """A run's trained weights for eval and export: merged from any ZeRO stage and checked against config.yaml.
 
-ZeRO 1-3 checkpoints (and bf16 ZeRO-0, whose BF16 optimizer shards its fp32 master) are merged by
-DeepSpeed's zero_to_fp32 through `pretrain.checkpoint.consolidated_state_dict`. A plain fp32
-ZeRO-0 checkpoint has no optimizer shards and zero_to_fp32 cannot read it, but its
-`mp_rank_00_model_states.pt` already holds the whole module, which is what DeepSpeed itself loads.
+ZeRO 1-3 checkpoints are merged by DeepSpeed's zero_to_fp32 through
+`pretrain.checkpoint.consolidated_state_dict`. A ZeRO-0 checkpoint has no optimizer shards and
+zero_to_fp32 cannot read it, but its `mp_rank_00_model_states.pt` holds the whole module (what
+DeepSpeed itself loads): in fp32 (fp32 or autocast training) that is the model; under DeepSpeed's
+bf16/fp16 mode the module is 16-bit and the fp32 master weights are the optimizer's
+`fp32_groups_flat`, one flat tensor per parameter group, which are cut back into parameters here.
 Every tensor is then checked against the model config.yaml describes, so a config that does not
 match its checkpoint (another vocab, another width) is a one-line error, not a traceback.
 """
@@ -35,7 +37,35 @@ def _resolve_tag(run_dir: Path, step: int | None) -> str:
     return tag
 
 
-def _zero0_module_state(folder: Path) -> dict[str, torch.Tensor]:
+def _fp32_masters(states: dict, module: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor] | None:
+    """The fp32 masters of a 16-bit ZeRO-0 checkpoint, each checked to round to the module's value; else None."""
+    from pretrain.engine import parameter_groups
+
+    optimizer = states.get("optimizer")
+    flats = optimizer.get("fp32_groups_flat") if isinstance(optimizer, dict) else None
+    if not flats or all(v.dtype == torch.float32 for v in module.values()):
+        return None
+    with torch.device("meta"):
+        meta = Transformer(model)
+    names = {id(p): n for n, p in meta.named_parameters()}
+    groups = [[names[id(p)] for p in group["params"]] for group in parameter_groups(meta, 0.0)]
+    if len(groups) != len(flats) or any(sum(module[n].numel() for n in g) != f.numel() for g, f in zip(groups, flats)):
+        return None
+    aliases: dict[int, list[str]] = {}
+    for name, param in meta.named_parameters(remove_duplicate=False):  # a tied head shares the embedding
+        aliases.setdefault(id(param), []).append(name)
+    aliases_of = {names[key]: found for key, found in aliases.items()}
+    masters: dict[str, torch.Tensor] = {}
+    for group, flat in zip(groups, flats):
+        for name, piece in zip(group, torch.split(flat.float(), [module[n].numel() for n in group])):
+            for alias in aliases_of[name]:
+                masters[alias] = piece.view(module[name].shape).clone()
+    if any(not torch.equal(masters[n].to(module[n].dtype), module[n]) for n in masters):
+        return None  # not the layout we expected: the 16-bit module is the best we have
+    return {k: masters.get(k, v.float()) for k, v in module.items()}
+
+
+def _zero0_module_state(folder: Path, model: ModelConfig) -> dict[str, torch.Tensor]:
     path = folder / MODULE_STATES
     if not path.is_file():
         raise LmforgeError(f"{path}: missing; the checkpoint is incomplete (retrain, or pick another --step)")
@@ -44,7 +74,8 @@ def _zero0_module_state(folder: Path) -> dict[str, torch.Tensor]:
         module = states["module"]
     except Exception as err:  # a truncated or foreign file: pickle, zip and key errors alike
         raise LmforgeError(f"{path}: unreadable DeepSpeed model states ({type(err).__name__}: {err})") from None
-    return {k: v.float() for k, v in module.items()}
+    masters = _fp32_masters(states, module, model) if model.vocab_size else None
+    return masters if masters is not None else {k: v.float() for k, v in module.items()}
 
 
 def run_state_dict(run_dir: Path, step: int | None = None) -> tuple[dict[str, torch.Tensor], str]:
@@ -53,7 +84,7 @@ def run_state_dict(run_dir: Path, step: int | None = None) -> tuple[dict[str, to
     tag = _resolve_tag(run_dir, step)
     folder = checkpoint.checkpoints_dir(run_dir) / tag
     if not any(folder.glob("*optim_states.pt")):
-        return _zero0_module_state(folder), tag
+        return _zero0_module_state(folder, load_run_config(run_dir).model), tag
     return checkpoint.consolidated_state_dict(run_dir, tag)
 
 

@@ -288,3 +288,27 @@ def test_user_symbols_and_control_symbols_tokenize_as_in_lmforge(tmp_path, stdli
         assert ids == ours.encode(text), text
         assert theirs.decode(ids) == text
     assert theirs("<|ctrl|>")["input_ids"] == ours.encode("<|ctrl|>") != [ours.piece_to_id("<|ctrl|>")]
+
+
+@pytest.mark.slow
+def test_bf16_zero0_checkpoint_exports_its_fp32_master_weights(tmp_path, tiny_corpus_shards):
+    """DeepSpeed's bf16 mode with ZeRO-0 saves a bf16 module; the export takes the fp32 masters instead."""
+    from safetensors.torch import load_file
+
+    from pretrain.hf_mapping import to_hf
+    from pretrain.run_dir import load_run_config
+
+    ds_json = tmp_path / "bf16_zero0.json"
+    ds_json.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}))
+    run_dir = tmp_path / "run"
+    run_training(run_dir, tiny_corpus_shards.shard_dir, nproc=1, **{
+        "deepspeed.config": str(ds_json), "model.arch": "gpt2", "model.n_kv_heads": "null", "train.max_steps": 4})
+    export_hf.export(run_dir, tmp_path / "hf")
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    states = torch.load(run_dir / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt", weights_only=False)
+    module = to_hf(states["module"], load_run_config(run_dir).model)
+    assert sorted(exported) == sorted(module)
+    for name, tensor in exported.items():
+        assert tensor.dtype == torch.float32
+        assert torch.equal(tensor.to(torch.bfloat16), module[name].to(torch.bfloat16)), name  # the masters round to the module
+    assert sum(not torch.equal(t, t.to(torch.bfloat16).float()) for t in exported.values()) > len(exported) // 2
