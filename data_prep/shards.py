@@ -174,10 +174,21 @@ def _check_output_dir(directory: Path, tokenizer: Tokenizer, run_key: str) -> di
                 state = json.loads(path.read_text(encoding="utf-8"))
             except ValueError:
                 raise LmforgeError(f"{path}: not valid JSON; delete {directory} and rerun `lmforge prep shards`") from None
-            if state.get("run_key") != run_key:
+            if state.get("run_key") == run_key:
+                return state | {"complete": name == MANIFEST_FILE}
+            if name == MANIFEST_FILE:
                 raise _other_run(directory, "other inputs or options")
-            return state | {"complete": name == MANIFEST_FILE}
+            _discard_unfinished_run(directory, state)
     return None
+
+
+def _discard_unfinished_run(directory: Path, state: dict[str, Any]) -> None:
+    """Removes the shards of an unfinished run made with other inputs or options (never complete)."""
+    for shard in state.get("shards", []):
+        prefix = directory / shard["path"]
+        bin_path(prefix).unlink(missing_ok=True)
+        idx_path(prefix).unlink(missing_ok=True)
+    (directory / PARTIAL_FILE).unlink()
 
 
 def _intact_prefix(directory: Path, shards: list[Shard]) -> list[Shard]:
@@ -293,8 +304,8 @@ def build_shards(spec: CorpusSpec, tokenizer_path: Path, output_dir: Path, optio
     """Tokenizes the corpus of `spec` into shards in `output_dir`; returns what was done."""
     started = time.perf_counter()
     tokenizer = Tokenizer.load(tokenizer_path)
-    directory = ensure_writable_dir(Path(output_dir))
     corpus = Corpus(spec)
+    directory = ensure_writable_dir(Path(output_dir))
     run_key = _run_key(corpus, tokenizer, options)
     state = _check_output_dir(directory, tokenizer, run_key)
     if state and state["complete"]:

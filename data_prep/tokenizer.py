@@ -134,8 +134,8 @@ def train_tokenizer(spec: CorpusSpec, options: TokenizerOptions, output_dir: Pat
     """Trains on the documents of `spec`; writes DIR/tokenizer.model and DIR/tokenizer.json; returns the .model path."""
     from tqdm import tqdm
 
-    output_dir = ensure_writable_dir(Path(output_dir))
     corpus = Corpus(spec)
+    output_dir = ensure_writable_dir(Path(output_dir))
     fingerprint = _Fingerprinter()
     limit = options.max_sentence_length
     documents = tqdm(corpus.documents(), desc="tokenizer: reading", unit=" docs", disable=not progress)

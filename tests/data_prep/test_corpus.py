@@ -118,3 +118,10 @@ def test_reading_is_streamed_one_document_at_a_time(tmp_path):
     assert next(documents) == "0"
     (tmp_path / "2.txt").write_text("changed after the first read")
     assert list(documents) == ["1", "changed after the first read"]
+
+
+@pytest.mark.parametrize("name", ["bad.jsonl.gz", "bad.jsonl.zst", "bad.parquet"])
+def test_corrupt_compressed_or_parquet_file_is_a_one_line_error(tmp_path, name):
+    (tmp_path / name).write_bytes(b"garbage")
+    with pytest.raises(LmforgeError, match=rf"{name}: cannot read \(.+\); expected a"):
+        read_all(tmp_path / name)

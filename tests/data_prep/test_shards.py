@@ -164,3 +164,23 @@ def test_worker_pool_output_equals_single_process_output(tmp_path, tiny_corpus_s
     build_shards(spec, model, tmp_path / "two", pooled, progress=False)
     assert snapshot(tmp_path / "one") == snapshot(tmp_path / "two")
     assert np.array_equal(IndexedDataset(tmp_path / "two" / "valid_00000")[0], IndexedDataset(tmp_path / "one" / "valid_00000")[0])
+
+
+
+def test_unfinished_run_with_other_options_is_replaced_by_the_new_run(tmp_path, tiny_corpus_shards, monkeypatch):
+    model = tiny_corpus_shards.tokenizer_dir / "tokenizer.model"
+    spec = spec_of(tiny_corpus_shards.files)
+    real_save = shards_module._save_partial
+
+    def save_then_die(*args):
+        real_save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards_module, "_save_partial", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build_shards(spec, model, tmp_path / "out", ShardOptions(shard_tokens=20_000, workers=1), progress=False)
+    monkeypatch.undo()
+    assert (tmp_path / "out" / "manifest.partial.json").exists()
+    options = ShardOptions(valid_fraction=0.15, seed=3, shard_tokens=100_000, workers=1)
+    build_shards(spec, model, tmp_path / "out", options, progress=False)
+    assert snapshot(tmp_path / "out") == snapshot(tiny_corpus_shards.shard_dir)
