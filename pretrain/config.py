@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 from lmforge.config import load_config
 from pretrain.model import ModelConfig
@@ -113,12 +113,24 @@ class DeepSpeedSection:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    pipeline_stages: int = 1
+    """Pipeline stages (DeepSpeed PipelineModule); ranks = stages × data-parallel replicas."""
+    partition_method: Literal["parameters", "uniform"] = "parameters"
+    """How blocks are split across stages: by parameter count or by equal block counts."""
+
+    def problems(self) -> list[str]:
+        return [] if self.pipeline_stages >= 1 else [f"parallel.pipeline_stages = {self.pipeline_stages}: must be at least 1"]
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def problems(self) -> list[str]:
         if self.train.seq_len > self.model.max_seq_len:

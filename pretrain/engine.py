@@ -77,3 +77,19 @@ def optimizer_step(engine, micro_batches) -> torch.Tensor:
         total = loss.detach().float() if total is None else total + loss.detach().float()
         count += 1
     return total / count
+
+
+@torch.no_grad()
+def evaluation_loss(engine, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean loss of one batch without gradients (fp32, on device)."""
+    return engine(inputs, targets).detach().float()
+
+
+def data_parallel_position(engine) -> tuple[int, int]:
+    """(rank, size) of this process among the data-parallel replicas: who reads which samples."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return 0, 1
+    group = engine.data_parallel_group if hasattr(engine, "data_parallel_group") else None
+    return dist.get_rank(group=group), dist.get_world_size(group=group)

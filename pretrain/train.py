@@ -81,15 +81,16 @@ def prepare(config: PretrainConfig, world_size: int) -> PreparedRun:
 
 class Trainer:
     def __init__(self, run: PreparedRun, info: distributed.DistributedInfo):
-        from pretrain.engine import build_engine
+        from pretrain.engine import build_engine, data_parallel_position
 
         self.config, self.ds_config, self.info = run.config, run.ds_config, info
         train = self.config.train
-        self.data = TrainingData(self.config.data, train.seq_len, train.seed, info.rank, info.world_size)
         torch.manual_seed(train.seed)
         self.model = Transformer(self.config.model)
         self.engine = build_engine(self.model, self.ds_config, train.weight_decay, train.compile)
-        self.tokens_per_step = train.micro_batch_size * train.grad_accum_steps * info.world_size * train.seq_len
+        dp_rank, dp_size = data_parallel_position(self.engine)
+        self.data = TrainingData(self.config.data, train.seq_len, train.seed, dp_rank, dp_size)
+        self.tokens_per_step = train.micro_batch_size * train.grad_accum_steps * dp_size * train.seq_len
         self.flops_per_token = self.model.flops_per_token(train.seq_len)
         self.step = 0
 
@@ -121,11 +122,13 @@ class Trainer:
     def evaluate(self) -> float | None:
         if not self.data.has_valid:
             return None
+        from pretrain.engine import evaluation_loss
+
         self.engine.eval()
         total = torch.zeros((), device=self.info.device)
         for batch_index in range(self.config.train.eval_batches):
             inputs, targets = self._to_device(self.data.valid_batch(batch_index, self.config.train))
-            total += self.engine(inputs, targets).float()
+            total += evaluation_loss(self.engine, inputs, targets)
         self.engine.train()
         return float(distributed.all_reduce_mean(total / self.config.train.eval_batches))
 
