@@ -59,10 +59,15 @@ def test_resubmitting_with_the_same_run_dir_resumes(slurm_cluster, single_node_r
 
 def test_sbatch_stops_before_srun_when_preflight_fails(slurm_cluster, shards, tmp_path):
     args = tiny_train_args(tmp_path / "run", shards, **{"model.vocab_size": 1000})
-    job, log = submit_and_wait(slurm_cluster, "single_node.sbatch", args, TWO_TASKS_ONE_NODE, tmp_path / "job.out")
+    log = tmp_path / "job.out"
+    job_id, returncode = slurm_cluster.submit_and_wait(SLURM / "single_node.sbatch", args,
+                                                       [*TWO_TASKS_ONE_NODE, f"--output={log}"], REPO, launch_env())
+    assert returncode == 2  # sbatch --wait exits with the job's status: preflight's
+    job = slurm_cluster.job(job_id)
     assert (job.state, job.exit_code) == ("FAILED", "2:0")
-    assert "error: model.vocab_size = 1000 but the tokenizer of data.path has 512 tokens" in log
-    assert "training llama" not in log and not (tmp_path / "run" / "metrics.jsonl").exists()
+    text = log.read_text()
+    assert "error: model.vocab_size = 1000 but the tokenizer of data.path has 512 tokens" in text
+    assert "training llama" not in text and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_multi_node_sbatch_runs_ranks_on_both_nodes(slurm_cluster, shards, tmp_path):
