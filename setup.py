@@ -27,7 +27,9 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
-        "test": ["pytest>=8", "hypothesis>=6", "mpi4py>=3.1"],
+        "test": ["pytest>=8", "hypothesis>=6"],
+        # lm-evaluation-harness on an exported model (docs/interop.md); the tests use it too.
+        "eval": ["lm-eval[hf]>=0.4.13"],
     },
     entry_points={"console_scripts": ["lmforge=lmforge.cli:main"]},
 )

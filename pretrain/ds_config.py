@@ -100,6 +100,8 @@ def build_deepspeed_config(path: Path, train: TrainConfig, data_parallel_size: i
         autocast["enabled"] = bf16_supported
     if autocast.get("enabled") and (bf16.get("enabled") or fp16.get("enabled")):
         problems.append(f"{source}: torch_autocast.enabled with bf16/fp16.enabled: choose one precision mode")
+    if fp16.get("enabled") and not _fp16_device_available():
+        problems.append(f"{source}: fp16.enabled = true, but DeepSpeed trains in fp16 only on GPUs and this machine has none; use a bf16 or fp32 JSON here")
     if bf16.get("enabled") and fp16.get("enabled"):
         problems.append(f"{source}: bf16.enabled and fp16.enabled are both true; choose one")
     config.setdefault("steps_per_print", 10**9)  # we log ourselves
@@ -107,6 +109,12 @@ def build_deepspeed_config(path: Path, train: TrainConfig, data_parallel_size: i
     if problems:
         raise LmforgeError("; ".join(problems))
     return config
+
+
+def _fp16_device_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def precision_of(ds_config: dict[str, Any]) -> str:
@@ -131,7 +139,7 @@ def activation_checkpoint_every(ds_config: dict[str, Any], n_layers: int) -> int
     absent means every block; K means K blocks spread evenly (k = ceil(n_layers / K)).
     """
     section = ds_config.get("activation_checkpointing")
-    if not section:
+    if section is None:
         return None
     count = section.get("number_checkpoints")
     if not count:

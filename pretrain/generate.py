@@ -9,7 +9,8 @@ from typing import Sequence
 import torch
 
 from lmforge.errors import LmforgeError, run_cli
-from pretrain.run_dir import load_trained_model, tokenizer_model_path
+from pretrain.eval_checkpoint import load_checked_model
+from pretrain.run_dir import tokenizer_model_path
 from pretrain.sampling import generate
 
 
@@ -29,16 +30,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from data_prep.tokenizer import Tokenizer
-    from pretrain.checkpoint import tag_for_step
 
     args = parse_args(argv)
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise LmforgeError("--max-new-tokens and --num-samples must be at least 1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tag = tag_for_step(args.step) if args.step is not None else None
-    model, config, tag = load_trained_model(args.checkpoint, tag, device)
+    model, config, tag = load_checked_model(args.checkpoint, args.step)
+    model = model.to(device)
     tokenizer = Tokenizer.load(tokenizer_model_path(config))
-    ids = [tokenizer.bos_id] + tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eod_id]
+    # Training saw documents after end-of-document tokens, never after BOS: start from EOD.
+    ids = [tokenizer.eod_id] + tokenizer.encode(args.prompt)
     prompt = torch.tensor([ids] * args.num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,

@@ -1,15 +1,11 @@
-"""Reading a finished (or running) run directory: its resolved config, trained model and tokenizer."""
+"""Reading a run directory: its resolved config and its tokenizer (weights: pretrain.eval_checkpoint)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from lmforge.config import config_from_mapping, read_yaml_mapping
 from lmforge.errors import LmforgeError
-from pretrain import checkpoint
 from pretrain.config import PretrainConfig, resolve_repo_path
-from pretrain.model import Transformer
 
 
 def load_run_config(run_dir: Path) -> PretrainConfig:
@@ -27,18 +23,3 @@ def tokenizer_model_path(config: PretrainConfig) -> Path:
     if not path.is_file():
         raise LmforgeError(f"{path}: tokenizer model not found beside the run's shards (data.path)")
     return path
-
-
-def load_trained_model(run_dir: Path, tag: str | None = None, device: str | torch.device = "cpu") -> tuple[Transformer, PretrainConfig, str]:
-    """The run's model with its consolidated fp32 weights (any ZeRO stage), in eval mode."""
-    config = load_run_config(run_dir)
-    state, tag = checkpoint.consolidated_state_dict(run_dir, tag)
-    model = Transformer(config.model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.model.tied and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise LmforgeError(
-            f"{checkpoint.checkpoints_dir(run_dir) / tag}: weights do not match the run's model config "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    return model.to(device).eval(), config, tag

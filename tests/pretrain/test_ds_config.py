@@ -1,0 +1,90 @@
+"""The one merge point of our YAML into DeepSpeed's JSON: filled values, contradictions, precision."""
+import json
+from dataclasses import replace
+
+import pytest
+
+from lmforge.errors import LmforgeError
+from pretrain.config import REPO_ROOT, TrainConfig
+from pretrain.ds_config import activation_checkpoint_every, build_deepspeed_config, precision_of, zero_stage_of
+
+
+def write(tmp_path, data) -> "Path":
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_yaml_values_fill_the_deepspeed_json():
+    train = replace(TrainConfig(), micro_batch_size=4, grad_accum_steps=3, lr=1e-3, min_lr=1e-4, grad_clip=0.5,
+                    max_steps=50, warmup_steps=5)
+    config = build_deepspeed_config(REPO_ROOT / "ds_configs/zero2.json", train, 2, bf16_supported=False)
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["gradient_accumulation_steps"] == 3
+    assert config["train_batch_size"] == 24
+    assert config["gradient_clipping"] == 0.5
+    assert config["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}}
+    assert config["scheduler"]["type"] == "WarmupCosineLR"
+    assert config["scheduler"]["params"]["total_num_steps"] == 50
+    assert config["scheduler"]["params"]["warmup_num_steps"] == 5
+    assert config["scheduler"]["params"]["cos_min_ratio"] == pytest.approx(0.1)
+    assert zero_stage_of(config) == 2
+
+
+def test_a_contradiction_between_json_and_yaml_is_an_error_naming_both(tmp_path):
+    path = write(tmp_path, {"train_micro_batch_size_per_gpu": 16, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}})
+    with pytest.raises(LmforgeError) as err:
+        build_deepspeed_config(path, TrainConfig(micro_batch_size=8), 1, bf16_supported=False)
+    message = str(err.value)
+    assert "train_micro_batch_size_per_gpu = 16 contradicts train.micro_batch_size = 8" in message
+    assert "optimizer.params.lr = 0.1 contradicts train.lr = 0.0003" in message
+    assert "\n" not in message
+
+
+def test_global_batch_arithmetic_is_checked(tmp_path):
+    path = write(tmp_path, {"train_batch_size": 32})
+    build_deepspeed_config(path, TrainConfig(micro_batch_size=8, grad_accum_steps=2), 2, bf16_supported=False)
+    with pytest.raises(LmforgeError, match="train_batch_size = 32 contradicts"):
+        build_deepspeed_config(path, TrainConfig(micro_batch_size=8, grad_accum_steps=2), 4, bf16_supported=False)
+
+
+def test_auto_precision_is_bf16_autocast_on_gpu_and_fp32_on_cpu():
+    path = REPO_ROOT / "ds_configs/zero1.json"
+    assert precision_of(build_deepspeed_config(path, TrainConfig(), 1, bf16_supported=True)) == "autocast-bf16"
+    assert precision_of(build_deepspeed_config(path, TrainConfig(), 1, bf16_supported=False)) == "fp32"
+    bf16 = REPO_ROOT / "ds_configs/zero2_bf16.json"
+    assert precision_of(build_deepspeed_config(bf16, TrainConfig(), 1, bf16_supported=True)) == "bf16"
+
+
+def test_fp16_without_a_gpu_is_refused_in_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine trains fp16")
+    with pytest.raises(LmforgeError, match="fp16 only on GPUs"):
+        build_deepspeed_config(REPO_ROOT / "ds_configs/zero2_fp16.json", TrainConfig(), 1, bf16_supported=False)
+
+
+def test_missing_or_malformed_json_is_a_one_line_error(tmp_path):
+    with pytest.raises(LmforgeError, match="file not found"):
+        build_deepspeed_config(tmp_path / "nope.json", TrainConfig(), 1, bf16_supported=False)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 1,}}')
+    with pytest.raises(LmforgeError, match=r"bad.json: not valid JSON \(line 1"):
+        build_deepspeed_config(bad, TrainConfig(), 1, bf16_supported=False)
+
+
+def test_activation_checkpointing_every_kth_block_follows_number_checkpoints():
+    assert activation_checkpoint_every({}, 12) is None
+    assert activation_checkpoint_every({"activation_checkpointing": {}}, 12) == 1
+    assert activation_checkpoint_every({"activation_checkpointing": {"number_checkpoints": 4}}, 12) == 3
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO_ROOT / "ds_configs").glob("*.json")))
+def test_every_shipped_json_merges_with_the_default_config(name):
+    import torch
+
+    if "fp16" in name and not torch.cuda.is_available():
+        pytest.skip("fp16 needs a GPU")
+    config = build_deepspeed_config(REPO_ROOT / "ds_configs" / name, TrainConfig(), 2, bf16_supported=True)
+    assert config["train_batch_size"] == TrainConfig().micro_batch_size * 2
