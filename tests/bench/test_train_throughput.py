@@ -1,0 +1,25 @@
+"""The GPU throughput benchmark's --dry-run on the CPU, so the script cannot rot between GPU runs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_dry_run_prints_one_table_and_writes_the_same_as_json(tmp_path):
+    out = tmp_path / "table.json"
+    result = subprocess.run(
+        [sys.executable, "bench/train_throughput.py", "--dry-run", "--variants", "baseline,zero0,zero2:ckpt", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("tiny: batch 2 × seq 32"):]
+    assert "variant" in table and "× baseline" in table
+    data = json.loads(out.read_text())
+    assert [r["variant"] for r in data["results"]] == ["baseline", "zero0", "zero2:ckpt"]
+    assert all(r["tokens_per_second"] > 0 for r in data["results"])
+    assert data["results"][0]["ratio_to_baseline"] == 1.0
