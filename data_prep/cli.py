@@ -103,16 +103,19 @@ def _progress(args: argparse.Namespace) -> bool:
 def run_tokenizer(args: argparse.Namespace) -> int:
     import json
 
-    from data_prep.tokenizer import METADATA_FILE, TokenizerOptions, train_tokenizer
+    from data_prep.tokenizer import METADATA_FILE, TokenizerOptions, tokenizer_is_current, train_tokenizer
 
     options = TokenizerOptions(
         vocab_size=args.vocab_size, user_symbols=tuple(args.user_symbol), control_symbols=tuple(args.control_symbol),
         character_coverage=args.character_coverage, input_sentence_size=args.input_sentence_size, seed=args.seed,
     )
     started = time.perf_counter()
-    model = train_tokenizer(_corpus_spec(args), options, args.output, progress=_progress(args))
+    spec = _corpus_spec(args)
+    current = tokenizer_is_current(spec, options, args.output)
+    model = train_tokenizer(spec, options, args.output, progress=_progress(args))
     meta = json.loads((model.parent / METADATA_FILE).read_text(encoding="utf-8"))
-    print(f"wrote {model} and {model.parent / METADATA_FILE}")
+    state = "up to date (same inputs and options), not retrained" if current else "written"
+    print(f"{model} and {METADATA_FILE} {state}")
     print(_table([
         ("documents", f"{meta['corpus']['documents']:,}"),
         ("skipped documents", f"{meta['corpus']['skipped_documents']:,}"),

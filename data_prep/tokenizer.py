@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -130,11 +131,35 @@ def _user_error_from_trainer(err: RuntimeError, options: TokenizerOptions, input
     return LmforgeError(f"{inputs}: sentencepiece cannot train with these options: {message}")
 
 
+def _run_key(corpus: Corpus, options: TokenizerOptions) -> str:
+    """Changes when the inputs (paths, sizes, mtimes), the options or sentencepiece may change the model."""
+    spec = corpus.spec
+    key = {"inputs": [n if n == "stdlib" else str(Path(n).resolve()) for n in spec.inputs],
+           "spec": asdict(spec) | {"inputs": None}, "sources": corpus.source_key(), "options": asdict(options),
+           "sentencepiece": spm.__version__}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_is_current(spec: CorpusSpec, options: TokenizerOptions, output_dir: Path) -> bool:
+    """True when DIR already holds the model these inputs and options would train (so training is skipped)."""
+    try:
+        meta = json.loads((Path(output_dir) / METADATA_FILE).read_text(encoding="utf-8"))
+        model = (Path(output_dir) / MODEL_FILE).read_bytes()
+    except (OSError, ValueError):
+        return False
+    return meta.get("run_key") == _run_key(Corpus(spec), options) and meta.get("model_sha256") == hashlib.sha256(model).hexdigest()
+
+
 def train_tokenizer(spec: CorpusSpec, options: TokenizerOptions, output_dir: Path, progress: bool = True) -> Path:
-    """Trains on the documents of `spec`; writes DIR/tokenizer.model and DIR/tokenizer.json; returns the .model path."""
+    """Trains on the documents of `spec`; writes DIR/tokenizer.model and DIR/tokenizer.json; returns the .model path.
+
+    When DIR already holds the model of the same inputs (paths, sizes, mtimes) and options, nothing is redone.
+    """
     from tqdm import tqdm
 
     corpus = Corpus(spec)
+    if tokenizer_is_current(spec, options, output_dir):
+        return Path(output_dir) / MODEL_FILE
     output_dir = ensure_writable_dir(Path(output_dir))
     fingerprint = _Fingerprinter()
     limit = options.max_sentence_length
@@ -176,6 +201,7 @@ def train_tokenizer(spec: CorpusSpec, options: TokenizerOptions, output_dir: Pat
             "skipped_documents": corpus.skipped_documents,
         },
         "sentencepiece_version": spm.__version__,
+        "run_key": _run_key(corpus, options),
     }
     atomic_write_json(output_dir / METADATA_FILE, metadata)
     return model_path

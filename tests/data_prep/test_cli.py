@@ -154,3 +154,15 @@ def test_killed_run_leaves_no_complete_looking_shard_and_rerun_finishes_identica
     assert not list(killed.glob(".*tmp*"))
     prep(*args, "--output", tmp_path / "clean", check_ok=True)
     assert snapshot(killed) == snapshot(tmp_path / "clean")
+
+
+def test_tokenizer_rerun_with_same_inputs_is_not_retrained(tmp_path, stdlib_subset):
+    args = ["tokenizer", "--input", *stdlib_subset(4), "--output", tmp_path / "tok", "--vocab-size", "400"]
+    first = prep(*args, check_ok=True)
+    assert "written" in first.stdout.splitlines()[0]
+    model = tmp_path / "tok" / "tokenizer.model"
+    stamp = model.stat().st_mtime_ns
+    second = prep(*args, check_ok=True)
+    assert "up to date" in second.stdout.splitlines()[0] and model.stat().st_mtime_ns == stamp
+    third = prep(*args[:-1], "401", check_ok=True)
+    assert "written" in third.stdout.splitlines()[0] and model.stat().st_mtime_ns != stamp
