@@ -7,7 +7,8 @@ measures (1) the single-core rate of what one worker does (sentencepiece encode 
 conversion) on documents already in memory, and (2) `lmforge prep shards` end to end with all
 cores: reading, hashing, the split, the pool, writing shards, checksums and the manifest, from
 the call to the manifest on disk. It prints one table with both rates and the ratio to
-cores x single-core (the goal is >= 0.9). It also shards the corpus twice over (`--input stdlib
+cores x single-core (the goal is >= 0.9). The single-core rate is tokens over the smaller of the
+loop's wall and CPU time: on a machine others share, wall time counts waiting for a core. It also shards the corpus twice over (`--input stdlib
 stdlib`) to check that peak RSS of the main process and of a worker stays flat as the corpus
 doubles. Each sharding run is a fresh child process so its peak RSS is its own. Every rate is the
 best of `--repeat` runs (other work on a shared machine only ever slows a run down), and the
@@ -52,8 +53,11 @@ def single_core_rate(spec: CorpusSpec, tokenizer: Tokenizer, batch_bytes: int) -
     tokens = sum(len(_encode_documents(b, tokenizer)[0]) for b in batches)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     text_bytes = sum(len(t.encode("utf-8")) for t in documents)
+    # A single-threaded loop's CPU time is its wall time on an idle core and is not stretched by
+    # waiting for a busy one, so the faster of the two is the single-core rate (the stricter baseline).
+    best = min(seconds, cpu_seconds)
     return {"tokens": tokens, "bytes": text_bytes, "seconds": seconds, "cpu_seconds": cpu_seconds,
-            "tokens_per_s": tokens / seconds, "bytes_per_s": text_bytes / seconds}
+            "wall_tokens_per_s": tokens / seconds, "tokens_per_s": tokens / best, "bytes_per_s": text_bytes / best}
 
 
 def shard_in_child(inputs: Sequence[str], tokenizer: Path, output: Path, workers: int) -> dict:
@@ -130,6 +134,7 @@ def table(r: dict) -> str:
         ("bytes per token", f"{once['bytes_per_token']:.3f}"),
         ("tokenizer training (s)", f"{r['tokenizer_train_seconds']:.1f}"),
         ("single-core encode (tokens/s)", f"{single['tokens_per_s']:,.0f}"),
+        ("  (by wall clock)", f"{single['wall_tokens_per_s']:,.0f}"),
         ("single-core encode (MB/s of text)", f"{single['bytes_per_s'] / 1e6:.2f}"),
         (f"end-to-end, {r['workers']} workers (tokens/s)", f"{once['tokens_per_s']:,.0f}"),
         (f"{r['workers']} x single-core (tokens/s)", f"{r['workers'] * single['tokens_per_s']:,.0f}"),

@@ -224,17 +224,25 @@ def _batches(corpus: Corpus, options: ShardOptions, resume: dict[str, int], stat
         yield batch
 
 
+def _threads_unsafe_to_fork() -> list[threading.Thread]:
+    """Threads besides this one, except tqdm's monitor (workers never touch tqdm or its lock)."""
+    from tqdm import TMonitor
+
+    return [t for t in threading.enumerate() if t is not threading.current_thread() and not isinstance(t, TMonitor)]
+
+
 @contextlib.contextmanager
 def _worker_pool(tokenizer: Tokenizer, workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
     """A pool of `workers` tokenizer processes (None for 1: tokenize in this process).
 
     fork starts in milliseconds where spawn takes ~0.3 s a worker to import numpy and
-    sentencepiece; it is used only while this process runs no other Python thread.
+    sentencepiece; it is used only while this process runs no other Python thread (a thread
+    holding a lock at fork time would leave that lock held forever in the child).
     """
     if workers <= 1:
         yield None
         return
-    fork_safe = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+    fork_safe = "fork" in multiprocessing.get_all_start_methods() and not _threads_unsafe_to_fork()
     context = multiprocessing.get_context("fork" if fork_safe else "spawn")
     with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer.model_bytes(),)) as pool:
         yield pool
