@@ -1,8 +1,14 @@
-"""Wraps the plain model in a DeepSpeed engine: parameter groups, activation checkpointing, compile."""
+"""Wraps the plain model in a DeepSpeed engine: parameter groups, activation checkpointing, compile.
+
+With DeepSpeed's `pipeline.stages` > 1 in the JSON (filled from `parallel.pipeline_stages` by
+`pretrain.pipeline.configure_pipeline`) the engine is DeepSpeed's PipelineEngine over the same
+model's modules (pretrain/pipeline.py); the functions below work for both.
+"""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import deepspeed
 import torch
@@ -10,6 +16,7 @@ import torch.utils.checkpoint
 
 from pretrain.ds_config import activation_checkpoint_every
 from pretrain.model import Transformer
+from pretrain.pipeline import build_pipeline_module, pipeline_stages_of
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -54,7 +61,10 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
 
     The model is compiled in place before DeepSpeed wraps it: measured faster than
     `engine.compile()` (docs/performance.md), and parameter names stay unprefixed in checkpoints.
+    A pipelined config builds this rank's stage only (other stages' weights are released).
     """
+    if pipeline_stages_of(ds_config) > 1:
+        return _build_pipeline_engine(model, ds_config, weight_decay, compile_model)
     configure_activation_checkpointing(model, ds_config)
     if compile_model:
         model.compile()
@@ -64,11 +74,31 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     return engine
 
 
+def _build_pipeline_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool):
+    stage = build_pipeline_module(model, ds_config)
+    if compile_model:
+        stage.compile()  # each layer in place, as the plain model
+    engine, _, _, _ = deepspeed.initialize(
+        model=stage, model_parameters=parameter_groups(stage, weight_decay), config=ds_config
+    )
+    return engine
+
+
+def is_pipeline(engine) -> bool:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    return isinstance(engine, PipelineEngine)
+
+
 def optimizer_step(engine, micro_batches) -> torch.Tensor:
     """Forward/backward over (inputs, targets) micro-batches, then DeepSpeed's step at the boundary.
 
-    Returns the mean loss as a device tensor: nothing here waits for the GPU.
+    Returns the mean loss as a device tensor: nothing here waits for the GPU. A pipeline runs
+    its 1F1B schedule over the micro-batches and returns the loss averaged over its data-parallel
+    replicas, on every stage.
     """
+    if is_pipeline(engine):
+        return pipeline_step(engine, micro_batches)
     total, count = None, 0
     for inputs, targets in micro_batches:
         loss = engine(inputs, targets)
@@ -79,16 +109,53 @@ def optimizer_step(engine, micro_batches) -> torch.Tensor:
     return total / count
 
 
+def pipeline_step(engine, micro_batches, at_boundary: Callable[[torch.Tensor], Any] | None = None) -> torch.Tensor:
+    """One optimizer step of a PipelineEngine (DeepSpeed's train_batch over the micro-batches).
+
+    `at_boundary(loss_sum)` runs on every rank of the pipeline once the gradients are reduced
+    (across data-parallel replicas and tied stages), right before the optimizer step: `loss_sum`
+    is the sum of this rank's micro-batch losses on the last stage, 0 on the others. It returns a
+    context manager the optimizer step then runs in (e.g. one that suppresses it), or None.
+    Returns the mean loss over the micro-batches and the data-parallel replicas, on every stage.
+    """
+    if at_boundary is not None:
+        from deepspeed.runtime.pipe import schedule
+        from deepspeed.runtime.pipe.engine import PipelineEngine
+
+        take_step = PipelineEngine._INSTRUCTION_MAP[schedule.OptimizerStep]
+
+        def guarded_optimizer_step(self, *args, **kwargs):
+            local = self.total_loss if self.is_last_stage() and self.total_loss is not None else torch.zeros((), device=self.device)
+            with at_boundary(local.detach().float()) or nullcontext():
+                take_step(self, *args, **kwargs)
+
+        # DeepSpeed looks up each schedule instruction in this map; the instance's copy wins for one step.
+        engine._INSTRUCTION_MAP = {**PipelineEngine._INSTRUCTION_MAP, schedule.OptimizerStep: guarded_optimizer_step}
+    try:
+        return engine.train_batch(data_iter=iter(micro_batches)).detach().float().reshape(())
+    finally:
+        engine.__dict__.pop("_INSTRUCTION_MAP", None)
+
+
 @torch.no_grad()
 def evaluation_loss(engine, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean loss of one batch without gradients (fp32, on device)."""
+    """Mean loss of one batch without gradients (fp32, on device; a pipeline's, on every stage)."""
+    if is_pipeline(engine):
+        loss = engine.eval_batch(iter([(inputs, targets)]), num_micro_batches=1)
+        return loss.detach().float().reshape(())
     return engine(inputs, targets).detach().float()
 
 
 def data_parallel_position(engine) -> tuple[int, int]:
-    """(rank, size) of this process among the data-parallel replicas: who reads which samples."""
+    """(rank, size) of this process among the data-parallel replicas: who reads which samples.
+
+    All stages of one pipeline share a data-parallel rank: the first stage needs the inputs, the
+    last the targets of the same samples.
+    """
     import torch.distributed as dist
 
+    if is_pipeline(engine):
+        return engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size()
     if not dist.is_initialized():
         return 0, 1
     group = engine.data_parallel_group if hasattr(engine, "data_parallel_group") else None
