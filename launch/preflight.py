@@ -142,6 +142,7 @@ def deepspeed_config(config, world: int | None, found: Findings) -> dict[str, An
 
     from pretrain.config import resolve_repo_path
     from pretrain.ds_config import build_deepspeed_config, read_deepspeed_json
+    from pretrain.pipeline import data_parallel_size
     from pretrain.train import bf16_supported
 
     path = resolve_repo_path(config.deepspeed.config)
@@ -156,7 +157,7 @@ def deepspeed_config(config, world: int | None, found: Findings) -> dict[str, An
     if world is None:
         return None
     try:
-        return build_deepspeed_config(path, config.train, world, bf16_supported())
+        return build_deepspeed_config(path, config.train, data_parallel_size(config.parallel, world), bf16_supported())
     except LmforgeError as err:
         found.problems.append(str(err))
         return None
@@ -239,7 +240,9 @@ def summarise_batch(config, ds_config: dict[str, Any], world: int, found: Findin
 
     train = config.train
     batch = ds_config["train_batch_size"]
-    found.fact("global batch", f"{batch} sequences = micro {train.micro_batch_size} × accum {train.grad_accum_steps} × {world} ranks")
+    stages = config.parallel.pipeline_stages
+    ranks = f"{world} ranks" if stages == 1 else f"{world // stages} data-parallel ranks ({world} ranks / {stages} pipeline stages)"
+    found.fact("global batch", f"{batch} sequences = micro {train.micro_batch_size} × accum {train.grad_accum_steps} × {ranks}")
     found.fact("tokens/step", f"{batch * train.seq_len:,} ({train.seq_len} tokens per sequence)")
     found.fact("deepspeed", f"{config.deepspeed.config}: ZeRO-{zero_stage_of(ds_config)}, {precision_of(ds_config)} on this machine")
 

@@ -19,6 +19,7 @@ from lmforge.errors import LmforgeError
 from pretrain import checkpoint
 from pretrain.config import PretrainConfig
 from pretrain.model import ModelConfig, Transformer
+from pretrain.pipeline_checkpoint import is_pipeline_checkpoint, pipeline_state_dict_to_model
 from pretrain.run_dir import load_run_config
 
 MODULE_STATES = "mp_rank_00_model_states.pt"
@@ -83,6 +84,8 @@ def run_state_dict(run_dir: Path, step: int | None = None) -> tuple[dict[str, to
     run_dir = Path(run_dir)
     tag = _resolve_tag(run_dir, step)
     folder = checkpoint.checkpoints_dir(run_dir) / tag
+    if is_pipeline_checkpoint(folder):
+        return pipeline_state_dict_to_model(folder), tag
     if not any(folder.glob("*optim_states.pt")):
         return _zero0_module_state(folder, load_run_config(run_dir).model), tag
     return checkpoint.consolidated_state_dict(run_dir, tag)
