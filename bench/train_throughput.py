@@ -160,8 +160,8 @@ def run_lmforge(config: ModelConfig, stage: int, options: set[str], args, device
     torch.manual_seed(0)
     model = Transformer(config)
     ds_config = lmforge_ds_config(stage, options, args, device)
-    engine = build_engine(model, ds_config, 0.1, compile_model and not options & {"eager", "enginecompile", "deepcompile"})
-    if compile_model and options & {"enginecompile", "deepcompile"}:
+    engine = build_engine(model, ds_config, 0.1, compile_model and not options & {"eager", "enginecompile"})
+    if compile_model and "enginecompile" in options:
         engine.compile()
 
     def step(batch):
