@@ -8,6 +8,7 @@ the running Python's standard library, one document per file.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import gzip
 import hashlib
 import io
@@ -50,14 +51,19 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_files() -> list[Path]:
-    """Every .py file of the standard library (not site-/dist-packages), in sorted path order."""
+@functools.lru_cache(maxsize=1)
+def _stdlib_files() -> tuple[Path, ...]:
     root = stdlib_root()
     found = []
     for directory, subdirs, names in os.walk(root):
         subdirs[:] = [d for d in subdirs if d not in ("site-packages", "dist-packages")]
         found += [Path(directory) / n for n in names if n.endswith(".py")]
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    return tuple(sorted(found, key=lambda p: p.relative_to(root).as_posix()))
+
+
+def stdlib_files() -> list[Path]:
+    """Every .py file of the standard library (not site-/dist-packages), in sorted path order."""
+    return list(_stdlib_files())  # listed once per process: the standard library does not change
 
 
 def _matches(relative: str, patterns: Sequence[str]) -> bool:
