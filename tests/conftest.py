@@ -45,7 +45,6 @@ class TinyCorpus:
     tokenizer_dir: Path
     shard_dir: Path
     vocab_size: int
-    seq_len_hint: int = 64
 
 
 @pytest.fixture(scope="session")
