@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from posttrain.pysyntax import FunctionPrompt, completion_is_valid, function_prompts, valid_line_count
+from posttrain.pysyntax import FunctionPrompt, completion_is_valid, function_prompts, valid_code_lines
 from posttrain.rollout import sample
 from posttrain.template import render_prompt
 
@@ -27,25 +27,39 @@ class PromptSplit:
     held_out: list[FunctionPrompt]
 
 
-def stdlib_prompt_split(manifest_path: Path, train_count: int, held_out_count: int, seed: int = 0) -> PromptSplit:
-    """Prompts from the stdlib files pretraining trained on (train) and from its valid split (held out)."""
+def stdlib_prompt_split(manifest_path: Path, train_count: int, held_out_count: int, seed: int = 0,
+                        per_file: int = 6) -> PromptSplit:
+    """Prompts from stdlib files pretraining trained on (train) and from its valid split (held out).
+
+    Files are visited in a seeded order, at most `per_file` training prompts each (spread over many
+    files; held-out files are few, so all of theirs count), until both lists are full.
+    """
     from data_prep.corpus import stdlib_files
     from data_prep.shards import is_valid_document
 
     options = json.loads(Path(manifest_path).read_text())["options"]
-    train, held_out = [], []
-    for path in stdlib_files():
+    rng = random.Random(seed)
+    files = stdlib_files()
+    rng.shuffle(files)
+    train: list[FunctionPrompt] = []
+    held_out: list[FunctionPrompt] = []
+    for path in files:
         try:
             data = path.read_bytes()
             data.decode("utf-8")
         except (OSError, UnicodeDecodeError):
             continue
         held = is_valid_document(data, options["seed"], options["valid_fraction"])
-        (held_out if held else train).extend(function_prompts(path))
-    rng = random.Random(seed)
-    rng.shuffle(train)
-    rng.shuffle(held_out)
-    return PromptSplit(train[:train_count], held_out[:held_out_count])
+        target, count = (held_out, held_out_count) if held else (train, train_count)
+        if len(target) >= count:
+            if len(train) >= train_count and len(held_out) >= held_out_count:
+                break
+            continue
+        found = list(function_prompts(path))
+        rng.shuffle(found)
+        cap = count - len(target) if held else min(per_file, count - len(target))  # held-out files are few
+        target.extend(found[:cap])
+    return PromptSplit(train, held_out)
 
 
 def write_jsonl(path: Path, records: Sequence[dict]) -> None:
@@ -57,7 +71,7 @@ def write_jsonl(path: Path, records: Sequence[dict]) -> None:
 
 @torch.no_grad()
 def complete(model, tokenizer, prompts: Sequence[str], samples_per_prompt: int, max_new_tokens: int,
-             temperature: float, seed: int, max_prompt_len: int, batch_size: int = 64) -> list[list[str]]:
+             temperature: float, seed: int, max_prompt_len: int, batch_size: int = 256) -> list[list[str]]:
     """samples_per_prompt completions (text, EOD stripped) of each prompt, sampled with the KV cache."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -92,13 +106,13 @@ def preference_pairs(prompts: Sequence[str], completions: Sequence[Sequence[str]
 class ValidityReport:
     valid_rate: float
     """Share of completions that keep the program valid Python (posttrain.pysyntax)."""
-    valid_lines: float
-    """Mean number of complete lines kept valid per completion (guards against 'valid because empty')."""
+    valid_code_lines: float
+    """Mean code lines (not blank, not comments) of the longest valid prefix per completion: more is more real code."""
     mean_chars: float
     completions: int
 
     def as_dict(self) -> dict:
-        return {"valid_rate": self.valid_rate, "valid_lines": self.valid_lines, "mean_chars": self.mean_chars,
+        return {"valid_rate": self.valid_rate, "valid_code_lines": self.valid_code_lines, "mean_chars": self.mean_chars,
                 "completions": self.completions}
 
 
@@ -107,7 +121,7 @@ def validity(prompts: Sequence[str], completions: Sequence[Sequence[str]]) -> Va
     n = max(1, len(flat))
     return ValidityReport(
         valid_rate=sum(completion_is_valid(p, c) for p, c in flat) / n,
-        valid_lines=sum(valid_line_count(p, c) for p, c in flat) / n,
+        valid_code_lines=sum(valid_code_lines(p, c) for p, c in flat) / n,
         mean_chars=sum(len(c) for _, c in flat) / n,
         completions=len(flat),
     )

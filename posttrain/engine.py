@@ -14,7 +14,33 @@ import torch
 
 from pretrain.ds_config import precision_of, zero_stage_of
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def weight_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    """The dtype DeepSpeed keeps the model's weights in: bf16/fp16 modes, else fp32 (fp32 and autocast)."""
+    return WEIGHT_DTYPES.get(precision_of(ds_config), torch.float32)
+
+
+def autocast_dtype(ds_config: dict[str, Any]) -> torch.dtype | None:
+    """The dtype of DeepSpeed's torch_autocast mode, None when it is off."""
+    precision = precision_of(ds_config)
+    if not precision.startswith("autocast-"):
+        return None
+    return {"autocast-bf16": torch.bfloat16, "autocast-fp16": torch.float16}.get(precision, torch.bfloat16)
+
+
+class Autocast(torch.nn.Module):
+    """A frozen plain module run under torch.autocast, as the training engines run under torch_autocast."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, *args, **kwargs):
+        device_type = next(self.module.parameters()).device.type
+        with torch.autocast(device_type=device_type, dtype=self.dtype):
+            return self.module(*args, **kwargs)
 
 
 def inference_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
@@ -28,7 +54,7 @@ def inference_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    for key in ("bf16", "fp16"):
+    for key in ("bf16", "fp16", "torch_autocast"):
         if key in ds_config:
             config[key] = copy.deepcopy(ds_config[key])
     return config
@@ -47,4 +73,6 @@ def build_frozen(model: torch.nn.Module, ds_config: dict[str, Any], mode: Litera
         engine, _, _, _ = deepspeed.initialize(model=model, config=inference_ds_config(ds_config))
         engine.eval()
         return engine
-    return model.to(device=device, dtype=DTYPES[precision_of(ds_config)])
+    model = model.to(device=device, dtype=weight_dtype(ds_config))
+    cast = autocast_dtype(ds_config)
+    return Autocast(model, cast) if cast is not None else model

@@ -15,7 +15,7 @@ import torch
 
 from lmforge.config import config_from_mapping, read_yaml_mapping, save_config
 from lmforge.errors import LmforgeError
-from posttrain.config import PosttrainConfig, load_posttrain_config
+from posttrain.config import PosttrainConfig
 from posttrain.heads import ScalarHeadModel
 from pretrain import checkpoint
 from pretrain.config import TrainConfig, resolve_repo_path
@@ -167,13 +167,26 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source
     elif isinstance(module, Transformer) and any(k.startswith("lm.") for k in state):
         raise LmforgeError(f"{source}: holds a reward/value model (scalar head); a language model run is needed here")
     missing, unexpected = target.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight") or not module.config.tied]
+    # A tied head is the embedding; a scalar-head model's LM head is frozen and unused, and
+    # DeepSpeed's zero_to_fp32 keeps only trained parameters.
+    unused = module.config.tied or (isinstance(module, ScalarHeadModel) and target is module)
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and unused)]
     if missing or unexpected:
         raise LmforgeError(f"{source}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def starting_state(run_dir: Path, tag: str | None) -> tuple[dict[str, torch.Tensor], str]:
-    """fp32 weights of a run's checkpoint (any ZeRO stage) and the tag read."""
+    """fp32 weights of a run's checkpoint (any ZeRO stage) and the tag read.
+
+    A ZeRO-0 checkpoint has no ZeRO partitions for DeepSpeed's zero_to_fp32 to merge: its weights
+    are read from the model-states file as they are.
+    """
+    tag = tag or checkpoint.latest_tag(run_dir)
+    folder = checkpoint.checkpoints_dir(run_dir) / (tag or "")
+    model_states = folder / "mp_rank_00_model_states.pt"
+    if tag and model_states.is_file() and not any(folder.glob("*optim_states.pt")):
+        state = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in state.items()}, tag
     return checkpoint.consolidated_state_dict(run_dir, tag)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from posttrain.batches import ExampleOrder
-from posttrain.engine import DTYPES, build_frozen
+from posttrain.engine import build_frozen, weight_dtype
 from posttrain.heads import ScalarHeadModel
 from posttrain.job import build_initial, load_weights, save_run_files, starting_state
 from posttrain.loop import mean_over_ranks
@@ -17,7 +17,6 @@ from posttrain.ppo import PPOJob
 from posttrain.rewards import call_reward_function, resolve_reward_function
 from posttrain.rollout import Experience, Samples, experience_stats, make_experience, response_slice, sample, score_with_model
 from pretrain import checkpoint, distributed
-from pretrain.ds_config import precision_of
 from pretrain.engine import build_engine
 from pretrain.metrics import MetricsWriter, memory_gb
 from pretrain.model import Transformer
@@ -34,7 +33,7 @@ class PPOTrainer:
         self.ppo_job, self.job, self.info = ppo_job, ppo_job.job, info
         cfg = self.config = self.job.config
         self.tokenizer = self.job.tokenizer
-        self.dtype = DTYPES[precision_of(self.job.ds_config)]
+        self.dtype = weight_dtype(self.job.ds_config)
         train = cfg.train
         self.actor = build_engine(build_initial(cfg, Transformer), self.job.ds_config, train.weight_decay, train.compile)
         self.reference = build_frozen(build_initial(cfg, Transformer), self.job.ds_config, cfg.ppo.frozen_models, info.device)

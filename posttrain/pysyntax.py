@@ -2,9 +2,10 @@
 
 Prompts are prefixes of standard-library functions, cut after a complete statement of the body
 (so each prompt parses on its own). A completion is judged by its complete lines (a last line cut
-off by the token budget is dropped): it is valid when it has at least one non-blank complete line
-and `ast.parse` accepts prompt + those lines, or accepts them once a `pass` closes a block the last
-line opened (a completion may stop right after `if x:`).
+off by the token budget is dropped): it is valid when at least one of them holds code (not blank,
+not only a comment: a policy soon learns that comments always parse) and `ast.parse` accepts
+prompt + those lines, or accepts them once a `pass` closes a block the last line opened (a
+completion may stop right after `if x:`).
 """
 from __future__ import annotations
 
@@ -39,18 +40,24 @@ def _viable(source: str) -> bool:
     return False
 
 
+def code_lines(text: str) -> int:
+    """Lines that are neither blank nor only a comment."""
+    return sum(1 for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+
+
 def completion_is_valid(prompt: str, completion: str) -> bool:
-    """True when the completion's complete lines are non-blank and keep prompt + completion valid Python."""
+    """True when the completion's complete lines hold code and keep prompt + completion valid Python."""
     lines = complete_lines(completion)
-    return bool(lines.strip()) and _viable(prompt + lines)
+    return code_lines(lines) > 0 and _viable(prompt + lines)
 
 
-def valid_line_count(prompt: str, completion: str) -> int:
-    """How many of the completion's complete lines can be kept with the program still valid (the longest valid prefix)."""
+def valid_code_lines(prompt: str, completion: str) -> int:
+    """Code lines in the longest prefix of the completion's complete lines that keeps the program valid."""
     lines = complete_lines(completion).splitlines(keepends=True)
     for n in range(len(lines), 0, -1):
-        if "".join(lines[:n]).strip() and _viable(prompt + "".join(lines[:n])):
-            return n
+        kept = "".join(lines[:n])
+        if code_lines(kept) and _viable(prompt + kept):
+            return code_lines(kept)
     return 0
 
 

@@ -56,3 +56,24 @@ def test_ppo_raises_a_programmatic_reward_zero3_two_ranks(tiny_corpus_shards, tm
     assert_reward_rose_with_bounded_kl(records, tokens=16)
     config = (tmp_path / "ppo" / "config.yaml").read_text()
     assert "frozen_models: auto" in config
+
+
+def test_ppo_against_a_trained_reward_model_with_the_critic_from_it(tiny_corpus_shards, tmp_path):
+    from tests.posttrain.synthetic import separable_pairs
+
+    tokenizer = tiny_corpus_shards.tokenizer_dir
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(256, seed=0))
+    reward_sets = {**tiny_model_sets(tokenizer, tmp_path / "reward"), "data.train": pairs, "train.max_steps": 25,
+                   "train.lr": 3e-3, "train.min_lr": 3e-4, "train.seed": 7}
+    run_ok("reward", reward_sets)
+    prompt_file = write_jsonl(tmp_path / "prompts.jsonl", prompts(128, seed=0))
+    sets = ppo_sets(tokenizer, tmp_path / "ppo", prompt_file, **{
+        "ppo.reward_run": tmp_path / "reward", "ppo.reward_function": "null", "ppo.monitor_function": "digit_fraction",
+        "ppo.kl_target": 2.0, "ppo.kl_horizon": 200, "train.max_steps": 12})
+    records = run_ok("ppo", sets)
+    rewards = [r["reward"] for r in records]  # the reward model's scores (it prefers digits)
+    assert sum(rewards[6:]) / 6 > sum(rewards[:6]) / 6 + 0.05, rewards
+    assert all(r["value_loss"] < 1.0 for r in records)  # the critic starts from the reward model, not from zero
+    kl_coefs = [r["kl_coef"] for r in records]
+    assert kl_coefs[0] == KL_COEF and kl_coefs[-1] < KL_COEF  # adaptive: the KL stayed below its target of 2
+    assert max(r["kl"] for r in records) < 2 * REWARD_CLIP / KL_COEF
