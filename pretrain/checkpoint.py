@@ -1,14 +1,18 @@
-"""Checkpoints through DeepSpeed's engine, with an atomic `latest` and every RNG state.
+"""Checkpoints through DeepSpeed's engine, with an atomic `latest`, every RNG state and a checked record.
 
 Layout (docs/formats.md): RUN_DIR/checkpoints/<tag>/ is DeepSpeed's own checkpoint folder (model,
 optimizer and scheduler states for any ZeRO stage) plus `rng_rank<r>.pt` per rank and a
-`COMPLETE` marker written last; RUN_DIR/checkpoints/latest names the newest complete tag, in
-DeepSpeed's format, replaced atomically only after every rank has finished writing.
+`COMPLETE` record written last (JSON: step, world size, ZeRO stage, and the size and sha256 of
+every file); RUN_DIR/checkpoints/latest names the newest complete tag, in DeepSpeed's format,
+replaced atomically only after every rank has finished writing. So a run killed at any moment
+leaves `latest` on a complete checkpoint, and older ones are pruned only after a newer one is.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,10 +21,13 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
-from pretrain import distributed
+from pretrain import distributed, faults
 
 COMPLETE_MARKER = "COMPLETE"
+DAMAGED_MARKER = "DAMAGED"
 LATEST_FILE = "latest"
+RECORD_VERSION = 1
+TAG_PATTERN = re.compile(r"step_(\d+)")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -45,7 +52,13 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values, so `torch.load(weights_only=True)` reads it."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -53,10 +66,21 @@ def rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    """The COMPLETE record of a checkpoint folder ({"step": N} for one written before records)."""
+    text = (Path(folder) / COMPLETE_MARKER).read_text()
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        raise LmforgeError(f"{Path(folder) / COMPLETE_MARKER}: not a checkpoint record (expected JSON)") from None
+    return {"step": record} if isinstance(record, int) else record
 
 
 def complete_tags(run_dir: Path) -> list[str]:
@@ -64,7 +88,7 @@ def complete_tags(run_dir: Path) -> list[str]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    tags = [p.name for p in root.iterdir() if p.is_dir() and (p / COMPLETE_MARKER).is_file()]
+    tags = [p.name for p in root.iterdir() if TAG_PATTERN.fullmatch(p.name) and (p / COMPLETE_MARKER).is_file()]
     return sorted(tags, key=step_of_tag)
 
 
@@ -82,38 +106,174 @@ def latest_tag(run_dir: Path) -> str | None:
     return tag
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], keep_last: int) -> str:
-    """Saves on every rank; returns the tag. `latest` moves only once all ranks are done."""
+def _all_gather(value: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if not distributed.is_initialized() or distributed.world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * distributed.world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """Files this rank hashes: every world_size-th, so checksums cost each rank a fraction."""
+    return names[distributed.rank()::distributed.world_size()]
+
+
+def _file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    from data_prep.files import sha256_file
+
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    mine = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)} for name in _my_share(names)}
+    merged: dict[str, dict[str, Any]] = {}
+    for part in _all_gather(mine):
+        merged.update(part)
+    return dict(sorted(merged.items()))
+
+
+def _discard(folder: Path) -> None:
+    """Removes a checkpoint folder, its COMPLETE marker first: never a complete-looking partial one."""
+    (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _save_failed(folder: Path, reason: str, run_dir: Path) -> LmforgeError:
+    kept = complete_tags(run_dir)
+    previous = f"the previous checkpoint {checkpoints_dir(run_dir) / kept[-1]} is kept" if kept else "no earlier checkpoint exists"
+    return LmforgeError(
+        f"{folder}: checkpoint not written ({reason}); {previous}; free space under run.dir "
+        "(or lower train.keep_last, or move run.dir) and rerun the same command to resume"
+    )
+
+
+def _describe_os_error(err: OSError) -> str:
+    where = f": {err.filename}" if err.filename else ""
+    return f"rank {distributed.rank()}: {err.strerror or err}{where}"
+
+
+def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], keep_last: int,
+         record: dict[str, Any] | None = None) -> str:
+    """Saves on every rank; returns the tag. `latest` moves only once all ranks are done.
+
+    `record` adds keys to the COMPLETE record (the trainer puts the model config there). A failed
+    write (disk full, read-only dir) removes the partial folder, keeps the previous checkpoint and
+    raises LmforgeError on every rank.
+    """
     root = checkpoints_dir(run_dir)
     tag = tag_for_step(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), root / tag / f"rng_rank{distributed.rank()}.pt")
-    distributed.barrier()
+    folder = root / tag
     if distributed.is_main():
-        write_atomic(root / tag / COMPLETE_MARKER, f"{step}\n".encode())
-        write_atomic(root / LATEST_FILE, tag.encode())
-        _prune(run_dir, keep_last, keep=tag)
+        _discard(folder)  # a partial or stale folder of this tag from an earlier, killed run
     distributed.barrier()
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), folder / f"rng_rank{distributed.rank()}.pt")
+        faults.during_save(step, str(folder))
+    except OSError as err:
+        error = _describe_os_error(err)
+    errors = [e for e in _all_gather(error) if e]
+    if errors:
+        if distributed.is_main():
+            _discard(folder)
+        distributed.barrier()
+        raise _save_failed(folder, errors[0], run_dir)
+    files = _file_checksums(folder)
+    status = None
+    if distributed.is_main():
+        entry = {
+            "format_version": RECORD_VERSION, "tag": tag, "step": step, "world_size": distributed.world_size(),
+            "data_parallel_size": int(getattr(engine, "dp_world_size", distributed.world_size())),
+            "zero_stage": int(engine.zero_optimization_stage()), **(record or {}), "files": files,
+        }
+        try:
+            write_atomic(folder / COMPLETE_MARKER, (json.dumps(entry, indent=1) + "\n").encode())
+            write_atomic(root / LATEST_FILE, tag.encode())
+            _prune(run_dir, keep_last, keep=tag)
+        except OSError as err:
+            _discard(folder)
+            status = _describe_os_error(err)
+    status = distributed.broadcast_object(status)
+    if status:
+        raise _save_failed(folder, status, run_dir)
     return tag
 
 
 def _prune(run_dir: Path, keep_last: int, keep: str) -> None:
+    """Deletes all but the newest keep_last complete checkpoints, and every incomplete folder."""
+    root = checkpoints_dir(run_dir)
     tags = complete_tags(run_dir)
     for old in tags[: max(0, len(tags) - keep_last)]:
         if old != keep:
-            shutil.rmtree(checkpoints_dir(run_dir) / old, ignore_errors=True)
+            _discard(root / old)
+    for folder in root.iterdir():
+        if TAG_PATTERN.fullmatch(folder.name) and folder.is_dir() and not (folder / COMPLETE_MARKER).exists():
+            shutil.rmtree(folder, ignore_errors=True)  # left by a killed save, or marked damaged
 
 
-def load(engine, run_dir: Path, tag: str) -> dict[str, Any]:
-    """Restores model, optimizer, scheduler, loss scaler and this rank's RNG; returns client state."""
+def damage(run_dir: Path, tag: str) -> list[str]:
+    """What is wrong with checkpoint `tag`'s files against its record (empty: intact).
+
+    Every rank checks a share of the files (sizes, then sha256) and all get the full list.
+    """
+    from data_prep.files import sha256_file
+
+    folder = checkpoints_dir(run_dir) / tag
+    files = read_record(folder).get("files", {})
+    problems = []
+    for name in _my_share(sorted(files)):
+        path, expected = folder / name, files[name]
+        if not path.is_file():
+            problems.append(f"{path}: missing (listed in {folder / COMPLETE_MARKER})")
+        elif path.stat().st_size != expected["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, the checkpoint record says {expected['bytes']}")
+        elif sha256_file(path) != expected["sha256"]:
+            problems.append(f"{path}: sha256 does not match the checkpoint record (the file is damaged)")
+    return sorted(p for part in _all_gather(problems) for p in part)
+
+
+def mark_damaged(run_dir: Path, tag: str, reason: str, fallback: str) -> None:
+    """Main rank: `tag` is no longer complete (its COMPLETE becomes DAMAGED) and `latest` names `fallback`."""
+    folder = checkpoints_dir(run_dir) / tag
+    if (folder / COMPLETE_MARKER).is_file():
+        os.replace(folder / COMPLETE_MARKER, folder / DAMAGED_MARKER)
+        with open(folder / DAMAGED_MARKER, "a") as handle:
+            handle.write(f"\n# damaged: {reason}\n")
+    write_atomic(checkpoints_dir(run_dir) / LATEST_FILE, fallback.encode())
+
+
+def load(engine, run_dir: Path, tag: str, load_dir: Path | None = None) -> dict[str, Any]:
+    """Restores model, optimizer, scheduler, loss scaler and this rank's RNG; returns client state.
+
+    `load_dir` is where DeepSpeed reads `tag` from when not RUN_DIR/checkpoints (a universal copy).
+    """
     root = checkpoints_dir(run_dir)
-    path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    source = Path(load_dir) if load_dir is not None else root
+    try:
+        path, client_state = engine.load_checkpoint(str(source), tag=tag)
+    except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise LmforgeError(f"{source / tag}: DeepSpeed could not load this checkpoint ({type(err).__name__}: {first[:300]})") from None
     if path is None:
-        raise LmforgeError(f"{root / tag}: DeepSpeed could not load this checkpoint")
+        raise LmforgeError(f"{source / tag}: DeepSpeed could not load this checkpoint")
     rng_file = root / tag / f"rng_rank{distributed.rank()}.pt"
-    if rng_file.is_file():
-        restore_rng_state(torch.load(rng_file, weights_only=False))
+    if rng_file.is_file():  # absent for ranks a smaller run did not have
+        restore_rng_state(_load_rng(rng_file))
     return client_state or {}
+
+
+def _load_rng(path: Path) -> dict[str, Any]:
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:  # written before RNG states were tensors: numpy arrays inside
+        with torch.serialization.safe_globals([np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]):
+            state = torch.load(path, weights_only=True)
+        kind, keys, *rest = state["numpy"]
+        state["numpy"] = (kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), *rest)
+        return state
 
 
 def consolidated_state_dict(run_dir: Path, tag: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
@@ -126,6 +286,10 @@ def consolidated_state_dict(run_dir: Path, tag: str | None = None) -> tuple[dict
     folder = checkpoints_dir(run_dir) / tag
     if not (folder / COMPLETE_MARKER).is_file():
         raise LmforgeError(f"{folder}: checkpoint missing or incomplete")
+    from pretrain.pipeline_checkpoint import is_pipeline_checkpoint, pipeline_state_dict_to_model
+
+    if is_pipeline_checkpoint(folder):
+        return pipeline_state_dict_to_model(folder), tag
     try:
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
     except (FileNotFoundError, ValueError, RuntimeError, KeyError) as err:

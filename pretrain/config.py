@@ -26,6 +26,8 @@ class RunConfig:
     """Also write the metrics to RUN_DIR/tb/ with torch's TensorBoard writer."""
     progress_bar: bool = True
     """A tqdm bar on rank 0."""
+    resume_fallback: bool = False
+    """If the checkpoint `latest` names is damaged, resume from the newest intact older one (else stop)."""
 
     def problems(self) -> list[str]:
         return [] if self.log_interval >= 1 else [f"run.log_interval = {self.log_interval}: must be at least 1"]
@@ -88,10 +90,12 @@ class TrainConfig:
     """Micro-batches per rank in one evaluation."""
     compile: bool = False
     """torch.compile the model (worth it on GPU; slow to start on CPU)."""
+    max_bad_steps: int = 5
+    """Consecutive optimizer steps with a non-finite loss or gradient (each skipped) that stop training."""
 
     def problems(self) -> list[str]:
         found = []
-        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len", "eval_batches", "keep_last"):
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "seq_len", "eval_batches", "keep_last", "max_bad_steps"):
             if getattr(self, key) < 1:
                 found.append(f"train.{key} = {getattr(self, key)}: must be at least 1")
         for key in ("save_interval", "eval_interval", "warmup_steps", "weight_decay", "grad_clip"):

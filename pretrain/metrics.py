@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 from pathlib import Path
@@ -57,8 +58,10 @@ class MetricsWriter:
         tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Appends one line; a NaN or infinite value is written as null (strict JSON)."""
         if not self.enabled:
             return
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.tb is not None:

@@ -3,7 +3,8 @@
 Also runs as `python -m pretrain.train`, `torchrun ... -m pretrain.train`, `deepspeed
 pretrain/train.py` and `mpirun ... python -m pretrain.train`. Reads top to bottom: arguments and
 config checks (all before any process group exists), data, model, engine, resume, the loop.
-Rerunning the same command with the same run.dir resumes from its latest checkpoint.
+Rerunning the same command with the same run.dir resumes from its latest checkpoint; SIGTERM or
+SIGUSR1 saves one at the next step boundary and exits 0 (docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -22,18 +23,23 @@ import torch
 
 from lmforge.config import save_config
 from lmforge.errors import LmforgeError, run_cli
-from pretrain import checkpoint, distributed, faults
+from pretrain import checkpoint, distributed, faults, resume, run_checks
 from pretrain.config import PretrainConfig, load_pretrain_config, resolve_repo_path
 from pretrain.data_source import TrainingData, check_data
 from pretrain.ds_config import build_deepspeed_config, precision_of, zero_stage_of
 from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation
 from pretrain.model import Transformer
+from pretrain.numerics import GuardedStep, StepOutcome
+from pretrain.pipeline import configure_pipeline, data_parallel_size, pipeline_metrics
+from pretrain.preemption import PreemptionSignals
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lmforge train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny", help="preset name in configs/ or a YAML path (default: tiny)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    parser.add_argument("--resume-fallback", action="store_true",
+                        help="if the latest checkpoint is damaged, resume from the previous intact one (run.resume_fallback)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser.parse_args(argv)
 
@@ -58,7 +64,8 @@ class PreparedRun:
 
 
 def prepare(config: PretrainConfig, world_size: int) -> PreparedRun:
-    """Checks data, vocab, DeepSpeed JSON and run dir; resolves model.vocab_size from the data."""
+    """Checks data (checksums too), vocab, DeepSpeed JSON, run dir and its free space; resolves
+    model.vocab_size from the data. Nothing is written before every input has been checked."""
     vocab_size = check_data(config.data)
     if config.model.vocab_size is not None and config.model.vocab_size != vocab_size:
         raise LmforgeError(
@@ -67,15 +74,11 @@ def prepare(config: PretrainConfig, world_size: int) -> PreparedRun:
         )
     config = replace(config, model=config.model.with_vocab(vocab_size))
     ds_path = resolve_repo_path(config.deepspeed.config)
-    ds_config = build_deepspeed_config(ds_path, config.train, world_size, bf16_supported())
-    run_dir = config.run.dir
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_probe{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise LmforgeError(f"run.dir = {run_dir}: not writable ({err.strerror})") from None
+    ds_config = build_deepspeed_config(ds_path, config.train, data_parallel_size(config.parallel, world_size), bf16_supported())
+    ds_config = configure_pipeline(ds_config, config.parallel, config.model, world_size)
+    run_checks.verify_shards(config.data)
+    run_checks.check_run_dir(config.run.dir)
+    run_checks.check_disk_space(config.run.dir, config.model, config.train.keep_last)
     return PreparedRun(config, ds_config)
 
 
@@ -85,38 +88,52 @@ class Trainer:
 
         self.config, self.ds_config, self.info = run.config, run.ds_config, info
         train = self.config.train
+        # Chosen and checked before the engine exists: another number of ranks needs universal loading.
+        self.resume_point = resume.plan(self.config, data_parallel_size(self.config.parallel, info.world_size),
+                                        zero_stage_of(self.ds_config))
+        ds_config = self.ds_config
+        if self.resume_point is not None and self.resume_point.load_dir is not None:
+            from pretrain.elastic import with_universal_loading
+
+            ds_config = with_universal_loading(ds_config)
         torch.manual_seed(train.seed)
         self.model = Transformer(self.config.model)
-        self.engine = build_engine(self.model, self.ds_config, train.weight_decay, train.compile)
+        self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile)
         dp_rank, dp_size = data_parallel_position(self.engine)
         self.data = TrainingData(self.config.data, train.seq_len, train.seed, dp_rank, dp_size)
-        self.tokens_per_step = train.micro_batch_size * train.grad_accum_steps * dp_size * train.seq_len
+        self.global_batch = train.micro_batch_size * train.grad_accum_steps * dp_size
+        self.tokens_per_step = self.global_batch * train.seq_len
         self.flops_per_token = self.model.flops_per_token(train.seq_len)
+        self.guarded = GuardedStep(self.engine, train.max_bad_steps, _loss_scale(self.engine) is not None)
         self.step = 0
+        self.saved_step: int | None = None
 
     def resume(self) -> None:
-        tag = checkpoint.latest_tag(self.config.run.dir)
-        if tag is None:
+        point = self.resume_point
+        if point is None:
             return
-        state = checkpoint.load(self.engine, self.config.run.dir, tag)
-        self.step = int(state["step"])
+        state = checkpoint.load(self.engine, self.config.run.dir, point.tag, point.load_dir)
+        self.step = self.saved_step = int(state["step"])
         if distributed.is_main():
-            print(f"resumed from {checkpoint.checkpoints_dir(self.config.run.dir) / tag} at step {self.step}", flush=True)
+            record = point.record
+            how = "" if point.load_dir is None else f" (saved on {record['data_parallel_size']} data-parallel ranks, loaded through {point.load_dir})"
+            print(f"resumed from {checkpoint.checkpoints_dir(self.config.run.dir) / point.tag} at step {self.step}{how}", flush=True)
+            if record.get("global_batch", self.global_batch) != self.global_batch:
+                print(f"note: global batch {self.global_batch} differs from the checkpoint's {record['global_batch']}: "
+                      "later steps read other samples than the original run would have", flush=True)
 
     def _to_device(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.info.device.type == "cuda":
             batch = batch.pin_memory().to(self.info.device, non_blocking=True)
         return batch[:, :-1], batch[:, 1:]
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (on device)."""
-        from pretrain.engine import optimizer_step
-
+    def train_step(self, stop_requested: bool = False) -> StepOutcome:
+        """One optimizer step over grad_accum_steps micro-batches, skipped if a loss or gradient is not finite."""
         train = self.config.train
         batches = (self._to_device(self.data.train_batch(self.step, m, train)) for m in range(train.grad_accum_steps))
-        loss = optimizer_step(self.engine, batches)
+        outcome = self.guarded.step(batches, self.step + 1, stop_requested)
         self.step += 1
-        return loss
+        return outcome
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -132,16 +149,26 @@ class Trainer:
         self.engine.train()
         return float(distributed.all_reduce_mean(total / self.config.train.eval_batches))
 
-    def save(self) -> None:
+    def save(self) -> str:
         client_state = {"step": self.step, "seed": self.config.train.seed, "world_size": self.info.world_size}
-        checkpoint.save(self.engine, self.config.run.dir, self.step, client_state, self.config.train.keep_last)
+        tag = checkpoint.save(self.engine, self.config.run.dir, self.step, client_state, self.config.train.keep_last,
+                              resume.record_for(self.config, self.global_batch))
+        self.saved_step = self.step
+        return tag
 
-    def run(self) -> dict[str, Any]:
+    def _resume_hint(self) -> str:
+        tags = checkpoint.complete_tags(self.config.run.dir)
+        where = f"from {checkpoint.checkpoints_dir(self.config.run.dir) / tags[-1]}" if tags else "from the start"
+        return f"lower train.lr or check the data, then rerun the same command to resume {where}"
+
+    def run(self, signals: PreemptionSignals | None = None) -> dict[str, Any]:
+        """Trains to train.max_steps, or to the step boundary after a preemption signal (then `stopped_by` is set)."""
         cfg, train = self.config, self.config.train
         main = distributed.is_main()
         if main:
             save_config(cfg, cfg.run.dir / "config.yaml")
         metrics = MetricsWriter(cfg.run.dir, main, cfg.run.tensorboard, self.step)
+        self.stopped_by: str | None = None
         bar = None
         if main and cfg.run.progress_bar:
             from tqdm import tqdm
@@ -149,37 +176,50 @@ class Trainer:
             bar = tqdm(total=train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         last: dict[str, Any] = {}
         interval_loss, interval_steps, clock = torch.zeros((), device=self.info.device), 0, time.perf_counter()
-        while self.step < train.max_steps:
-            interval_loss += self.train_step()
-            interval_steps += 1
-            if bar is not None:
-                bar.update(1)
-            if self.step % cfg.run.log_interval == 0 or self.step == train.max_steps:
-                loss = float(distributed.all_reduce_mean(interval_loss / interval_steps))  # the only host sync
-                elapsed = time.perf_counter() - clock
-                last = self._log_record(loss, interval_steps, elapsed)
-                metrics.write(last)
+        applied_steps = 0
+        try:
+            while self.step < train.max_steps:
+                outcome = self.train_step(signals is not None and signals.requested)
+                interval_steps += 1
+                if outcome.applied:
+                    interval_loss += outcome.loss
+                    applied_steps += 1
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
-                interval_loss.zero_()
-                interval_steps, clock = 0, time.perf_counter()
-            if (train.eval_interval and self.step % train.eval_interval == 0) or self.step == train.max_steps:
-                val_loss = self.evaluate()
-                if val_loss is not None:
-                    last["val_loss"] = val_loss
-                    metrics.write({"step": self.step, "val_loss": val_loss, "val_perplexity": _perplexity(val_loss)})
-            if (train.save_interval and self.step % train.save_interval == 0) or self.step == train.max_steps:
-                self.save()
-            faults.after_step(self.step)
-        if bar is not None:
-            bar.close()
-        metrics.close()
+                    bar.update(1)
+                if self.step % cfg.run.log_interval == 0 or self.step == train.max_steps:
+                    # the only host sync besides the per-step finiteness/preemption flags
+                    loss = float(distributed.all_reduce_mean(interval_loss / applied_steps)) if applied_steps else float("nan")
+                    last = self._log_record(loss, interval_steps, time.perf_counter() - clock)
+                    metrics.write(last)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
+                    interval_loss.zero_()
+                    interval_steps, applied_steps, clock = 0, 0, time.perf_counter()
+                self.guarded.check(outcome, self.step, self._resume_hint)
+                if (train.eval_interval and self.step % train.eval_interval == 0) or self.step == train.max_steps:
+                    val_loss = self.evaluate()
+                    if val_loss is not None:
+                        last["val_loss"] = val_loss
+                        metrics.write({"step": self.step, "val_loss": val_loss, "val_perplexity": _perplexity(val_loss)})
+                if (train.save_interval and self.step % train.save_interval == 0) or self.step == train.max_steps:
+                    self.save()
+                if outcome.stop and self.step < train.max_steps:
+                    if self.saved_step != self.step:
+                        self.save()
+                    self.stopped_by = (signals.received if signals else None) or "a signal to another rank"
+                    break
+                faults.after_step(self.step)
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
         return last
 
     def _log_record(self, loss: float, steps: int, elapsed: float) -> dict[str, Any]:
         tokens_per_second = self.tokens_per_step * steps / max(elapsed, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
         record = {
+            **pipeline_metrics(self.ds_config),
             "step": self.step,
             "loss": loss,
             "lr": float(self.engine.get_lr()[0]),
@@ -188,10 +228,21 @@ class Trainer:
             "tokens_per_second": tokens_per_second,
             "mfu": model_flops_utilisation(tokens_per_second, self.flops_per_token, self.info.device, self.info.world_size),
             "memory_gb": memory_gb(self.info.device),
+            "skipped_steps": int(self.engine.skipped_steps),
         }
-        if precision_of(self.ds_config) == "fp16":
-            record["loss_scale"] = float(self.engine.optimizer.cur_scale)
+        loss_scale = _loss_scale(self.engine)
+        if loss_scale is not None:
+            record["loss_scale"] = loss_scale
         return record
+
+
+def _loss_scale(engine) -> float | None:
+    """The dynamic loss scale: DeepSpeed's fp16 optimizers', or torch's GradScaler's (fp16 autocast, ZeRO-0)."""
+    if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+        return float(engine.torch_autocast_z0_gradscaler.get_scale())
+    if engine.fp16_enabled():
+        return float(engine.optimizer.loss_scale)  # a property of all three DeepSpeed fp16 optimizers
+    return None
 
 
 def _perplexity(loss: float) -> float:
@@ -202,8 +253,9 @@ def _perplexity(loss: float) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    config = load_pretrain_config(args.config, args.set)
+    config = load_pretrain_config(args.config, args.set + (["run.resume_fallback=true"] if args.resume_fallback else []))
     run = prepare(config, launcher_world_size())
+    signals = PreemptionSignals().install()
     info = distributed.init_distributed()
     if info.world_size != launcher_world_size():  # MPI discovery can learn the size only now
         run = prepare(config, info.world_size)
@@ -218,14 +270,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"run dir {cfg.run.dir}",
                 flush=True,
             )
-        last = trainer.run()
-        if distributed.is_main() and last:
+        last = trainer.run(signals)
+        if distributed.is_main() and trainer.stopped_by:
+            tag = checkpoint.tag_for_step(trainer.step)
+            print(f"preempted by {trainer.stopped_by}: saved {checkpoint.checkpoints_dir(run.config.run.dir) / tag} "
+                  f"at step {trainer.step}; rerun the same command to resume", flush=True)
+        elif distributed.is_main() and last:
             summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))
             print(f"done at step {trainer.step}: {summary}", flush=True)
     finally:
+        signals.restore()
         distributed.shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_code = run_cli(main)
+    # Everything is written and the process group destroyed; skip C++ static destructors, where a
+    # still-joinable thread of the CPU comm stack aborts ~1 run in 10 under load ("terminate called
+    # without an active exception", exit -6) although training finished.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -1,0 +1,119 @@
+"""Which checkpoint a run resumes from, checked before the engine is built.
+
+The rule: the checkpoint `latest` names (or, when `latest` is absent, the newest with a COMPLETE
+record: a run killed between the two writes). Its files are checked against the record (sizes and
+sha256, a share per rank) and its model section against the config. A missing or damaged file is
+a one-line error naming it; only with `run.resume_fallback` (`--resume-fallback`) does the run
+go back to the newest intact older checkpoint, marking the damaged one and pointing `latest` at
+the one it used. A checkpoint saved on another number of data-parallel ranks is loaded through
+DeepSpeed's universal format (pretrain.elastic).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import config_to_dict
+from lmforge.errors import LmforgeError
+from pretrain import checkpoint, distributed, elastic
+from pretrain.checkpoint import COMPLETE_MARKER, LATEST_FILE, checkpoints_dir
+
+FALLBACK_HINT = "pass --resume-fallback (or --set run.resume_fallback=true)"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    tag: str
+    record: dict[str, Any]
+    """The checkpoint's COMPLETE record."""
+    load_dir: Path | None
+    """Where DeepSpeed loads the tag from, when not RUN_DIR/checkpoints (a universal copy)."""
+
+
+def _problem(run_dir: Path, tag: str) -> str | None:
+    """Why `tag` cannot be resumed from (None: it is complete and intact)."""
+    folder = checkpoints_dir(run_dir) / tag
+    if not checkpoint.TAG_PATTERN.fullmatch(tag):
+        return f"{checkpoints_dir(run_dir) / LATEST_FILE} names '{tag}', which is not a checkpoint tag"
+    if not (folder / COMPLETE_MARKER).is_file():
+        return f"{checkpoints_dir(run_dir) / LATEST_FILE} names '{tag}', which is missing or incomplete"
+    damage = checkpoint.damage(run_dir, tag)
+    if damage:
+        more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
+        return damage[0] + more
+    return None
+
+
+def choose_tag(run_dir: Path, fallback: bool) -> str | None:
+    """The tag to resume from, None for a fresh run; LmforgeError for a damaged one unless `fallback`."""
+    latest = checkpoints_dir(run_dir) / LATEST_FILE
+    complete = checkpoint.complete_tags(run_dir)
+    tag = latest.read_text().strip() if latest.is_file() else (complete[-1] if complete else None)
+    if tag is None:
+        return None
+    problem = _problem(run_dir, tag)
+    if problem is None:
+        return tag
+    newest = checkpoint.step_of_tag(tag) if checkpoint.TAG_PATTERN.fullmatch(tag) else None
+    older = [t for t in complete if t != tag and (newest is None or checkpoint.step_of_tag(t) < newest)]
+    if not fallback:
+        hint = (f"{FALLBACK_HINT} to resume from the previous complete checkpoint {older[-1]}" if older
+                else "there is no earlier complete checkpoint; move the run dir away to start afresh")
+        raise LmforgeError(f"{problem}; {hint}")
+    for candidate in reversed(older):
+        if _problem(run_dir, candidate) is None:
+            if distributed.is_main():
+                print(f"warning: {problem}; falling back to {checkpoints_dir(run_dir) / candidate}", flush=True)
+                checkpoint.mark_damaged(run_dir, tag, problem, candidate)
+            distributed.barrier()
+            return candidate
+    raise LmforgeError(f"{problem}; no intact earlier checkpoint to fall back to")
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def check_model(record: dict[str, Any], model_config, folder: Path) -> None:
+    """The checkpoint was written for this model (its record's `model` section equals the config's)."""
+    saved = record.get("model")
+    if saved is None:
+        return
+    current = _plain(config_to_dict(model_config))
+    differences = [f"model.{key} = {saved.get(key)!r} there, {value!r} in the config"
+                   for key, value in current.items() if saved.get(key) != value]
+    if differences:
+        raise LmforgeError(
+            f"{folder}: written for a different model ({'; '.join(differences)}); resume with the model "
+            "it was trained with, or train into a new run.dir"
+        )
+
+
+def plan(config, data_parallel_size: int, zero_stage: int) -> ResumePoint | None:
+    """Picks and checks the checkpoint to resume from; converts it to universal format if the ranks changed."""
+    run_dir = config.run.dir
+    tag = choose_tag(run_dir, config.run.resume_fallback)
+    if tag is None:
+        return None
+    folder = checkpoints_dir(run_dir) / tag
+    record = checkpoint.read_record(folder)
+    check_model(record, config.model, folder)
+    saved_stages = record.get("pipeline_stages", 1)
+    if saved_stages != config.parallel.pipeline_stages:
+        raise LmforgeError(f"{folder}: written with parallel.pipeline_stages = {saved_stages}, the config says "
+                           f"{config.parallel.pipeline_stages}; resume with the stages it was saved with")
+    load_dir = None
+    if elastic.needs_universal(record, data_parallel_size, zero_stage, folder):
+        if saved_stages > 1:
+            raise LmforgeError(f"{folder}: a pipelined checkpoint of {record['data_parallel_size']} data-parallel replicas "
+                               f"cannot be resumed on {data_parallel_size}; resume on as many replicas")
+        load_dir = elastic.universal_copy(folder)
+    return ResumePoint(tag, record, load_dir)
+
+
+def record_for(config, global_batch: int) -> dict[str, Any]:
+    """What the trainer adds to each checkpoint's COMPLETE record, for these checks."""
+    return {"model": _plain(config_to_dict(config.model)), "global_batch": global_batch, "seed": config.train.seed,
+            "pipeline_stages": config.parallel.pipeline_stages}
