@@ -62,9 +62,12 @@ def run_model_config(run_dir: Path) -> ModelConfig:
 
 
 def run_tokenizer_path(run_dir: Path) -> Path:
-    """The tokenizer a run was trained with: RUN_DIR/tokenizer.model, its init.tokenizer, or beside its shards."""
+    """The tokenizer a run was trained with: RUN_DIR/tokenizer.model, the one `lmforge import-hf` kept,
+    its init.tokenizer, or the one beside its shards."""
+    from pretrain.hf_tokenizer import SOURCE_TOKENIZER_DIR
+
     run_dir = Path(run_dir)
-    candidates = [run_dir / TOKENIZER_COPY]
+    candidates = [run_dir / TOKENIZER_COPY, run_dir / SOURCE_TOKENIZER_DIR / TOKENIZER_COPY]
     config_path = run_dir / "config.yaml"
     if config_path.is_file():
         data = read_yaml_mapping(config_path)

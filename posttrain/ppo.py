@@ -105,11 +105,11 @@ def prepare_ppo(config: PosttrainConfig, world_size: int) -> PPOJob:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from posttrain.ppo_trainer import PPOTrainer
-
     args = parse_args("ppo", __doc__.splitlines()[0], "ppo", argv)
     config = load_posttrain_config(args.config, args.set)
     ppo_job = prepare_ppo(config, launcher_world_size())
+    from posttrain.ppo_trainer import PPOTrainer  # DeepSpeed is imported only once every input is checked
+
     job, info = start_ranks(ppo_job.job, actor_train_section(ppo_job.job.config))
     if job is not ppo_job.job:
         ppo_job = prepare_ppo(job.config, info.world_size)
