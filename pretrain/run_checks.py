@@ -3,6 +3,7 @@ with room for its checkpoints. Each failure is one LmforgeError naming the file 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -38,11 +39,19 @@ def parameter_count(model: ModelConfig) -> int:
 
 
 def check_disk_space(run_dir: Path, model: ModelConfig, keep_last: int) -> None:
-    """Enough free space under run.dir for keep_last + 1 checkpoints (the estimate of `lmforge preflight`)."""
-    from launch.checkpoint_space import BYTES_PER_PARAM, checkpoint_space, human_bytes
+    """Enough free space under run.dir for keep_last + 1 checkpoints (the estimate of `lmforge preflight`).
+
+    A run.dir that does not exist yet is measured at its nearest existing parent, so nothing is
+    created for a run that cannot fit."""
+    from launch.checkpoint_space import BYTES_PER_PARAM, CheckpointSpace, checkpoint_space, human_bytes
 
     params = parameter_count(model)
-    space = checkpoint_space(run_dir, params, keep_last)
+    if run_dir.is_dir():
+        space = checkpoint_space(run_dir, params, keep_last)
+    else:
+        parent = next((p for p in run_dir.parents if p.is_dir()), Path.cwd())
+        each = params * BYTES_PER_PARAM
+        space = CheckpointSpace(each, each * (keep_last + 1), shutil.disk_usage(parent).free)
     if space.bytes_needed > space.bytes_free:
         raise LmforgeError(
             f"run.dir = {run_dir}: {human_bytes(space.bytes_free)} free, but checkpoints need {human_bytes(space.bytes_needed)} "

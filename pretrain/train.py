@@ -63,9 +63,10 @@ class PreparedRun:
     ds_config: dict[str, Any]
 
 
-def prepare(config: PretrainConfig, world_size: int) -> PreparedRun:
-    """Checks data (checksums too), vocab, DeepSpeed JSON, run dir and its free space; resolves
-    model.vocab_size from the data. Nothing is written before every input has been checked."""
+def prepare(config: PretrainConfig, world_size: int, verify_checksums: bool = True) -> PreparedRun:
+    """Checks data (checksums too, unless `verify_checksums` is off), vocab, DeepSpeed JSON, run dir
+    and its free space; resolves model.vocab_size from the data. Nothing is written before every
+    input has been checked."""
     vocab_size = check_data(config.data)
     if config.model.vocab_size is not None and config.model.vocab_size != vocab_size:
         raise LmforgeError(
@@ -76,9 +77,10 @@ def prepare(config: PretrainConfig, world_size: int) -> PreparedRun:
     ds_path = resolve_repo_path(config.deepspeed.config)
     ds_config = build_deepspeed_config(ds_path, config.train, data_parallel_size(config.parallel, world_size), bf16_supported())
     ds_config = configure_pipeline(ds_config, config.parallel, config.model, world_size)
-    run_checks.verify_shards(config.data)
-    run_checks.check_run_dir(config.run.dir)
+    if verify_checksums:
+        run_checks.verify_shards(config.data)
     run_checks.check_disk_space(config.run.dir, config.model, config.train.keep_last)
+    run_checks.check_run_dir(config.run.dir)
     return PreparedRun(config, ds_config)
 
 

@@ -19,6 +19,7 @@ from pretrain import checkpoint, elastic, faults, resume, run_checks
 from pretrain.config import PretrainConfig
 from pretrain.metrics import MetricsWriter, read_metrics
 from pretrain.model import ModelConfig
+from pretrain.numerics import GuardedStep, StepOutcome
 from pretrain.preemption import PreemptionSignals
 
 
@@ -244,6 +245,9 @@ def test_disk_space_check_counts_parameters_without_building_the_model(tmp_path)
     assert run_checks.parameter_count(huge) > 170e9
     with pytest.raises(LmforgeError, match=r"run.dir = .*free, but checkpoints need .* lower train.keep_last"):
         run_checks.check_disk_space(tmp_path, huge, keep_last=3)
+    with pytest.raises(LmforgeError, match=r"run.dir = .*/new/run: .*free, but checkpoints need"):
+        run_checks.check_disk_space(tmp_path / "new" / "run", huge, keep_last=3)
+    assert not (tmp_path / "new").exists()
     run_checks.check_disk_space(tmp_path, ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=512), keep_last=3)
 
 
@@ -251,3 +255,15 @@ def test_a_run_dir_under_a_regular_file_is_not_writable(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(LmforgeError, match=r"run.dir = .*file/run: not writable \(Not a directory\)"):
         run_checks.check_run_dir(tmp_path / "file" / "run")
+
+
+def test_only_consecutive_bad_steps_count_towards_max_bad_steps():
+    engine = type("Engine", (), {"optimizer": object()})()
+    guard = GuardedStep(engine, max_bad_steps=3, fp16=False)
+    good, bad = (StepOutcome(torch.tensor(1.0), applied, applied is False, False) for applied in (True, False))
+    for step, outcome in enumerate([bad, bad, good, bad, bad, good, bad], start=1):
+        guard.check(outcome, step, lambda: "hint")
+    assert guard.consecutive_bad == 1 and guard.first_bad_step == 7
+    guard.check(bad, 8, lambda: "hint")
+    with pytest.raises(LmforgeError, match=r"^3 optimizer steps in a row \(7-9\) .* the weights are still those of step 6; hint$"):
+        guard.check(bad, 9, lambda: "hint")
