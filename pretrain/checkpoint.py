@@ -260,7 +260,32 @@ def load(engine, run_dir: Path, tag: str, load_dir: Path | None = None) -> dict[
     rng_file = root / tag / f"rng_rank{distributed.rank()}.pt"
     if rng_file.is_file():  # absent for ranks a smaller run did not have
         restore_rng_state(_load_rng(rng_file))
+    _replay_cpu_adam_products(engine.optimizer)
     return client_state or {}
+
+
+def _replay_cpu_adam_products(optimizer) -> None:
+    """Makes DeepSpeed's CPU FusedAdam round the next update as an uninterrupted run would.
+
+    Its C++ kernel keeps beta1^t and beta2^t as running float products (one multiply per step) and
+    a fresh process starts them with pow(beta, t), which can differ in the last bit: the updates
+    after a resume would then differ by an ulp. Replaying steps 1..t on empty tensors rebuilds the
+    same products. (The CUDA kernel computes pow every step; nothing to do there.)
+    """
+    base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch-level optimizer
+    kernel = getattr(base, "multi_tensor_adam", None)
+    states = [s for s in getattr(base, "state", {}).values() if "step" in s and "exp_avg" in s]
+    if kernel is None or not states or states[0]["exp_avg"].device.type != "cpu":
+        return
+    group = base.param_groups[0]
+    if any(tuple(g["betas"]) != tuple(group["betas"]) for g in base.param_groups):
+        return  # the kernel recomputes with pow whenever the betas change: nothing is carried over
+    steps = max(int(s["step"]) for s in states)  # FusedAdam counts on the last parameter of each group
+    empty = [torch.empty(0)]
+    beta1, beta2 = group["betas"]
+    for step in range(1, steps + 1):
+        kernel(2048 * 32, base._dummy_overflow_buf, [empty, empty, empty, empty], group["lr"], beta1, beta2,
+               group["eps"], step, base.adam_w_mode, 1 if group["bias_correction"] else 0, group["weight_decay"])
 
 
 def _load_rng(path: Path) -> dict[str, Any]:

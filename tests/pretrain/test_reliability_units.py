@@ -267,3 +267,42 @@ def test_only_consecutive_bad_steps_count_towards_max_bad_steps():
     guard.check(bad, 8, lambda: "hint")
     with pytest.raises(LmforgeError, match=r"^3 optimizer steps in a row \(7-9\) .* the weights are still those of step 6; hint$"):
         guard.check(bad, 9, lambda: "hint")
+
+
+def test_cpu_adam_after_a_load_updates_exactly_as_without_the_restart():
+    """DeepSpeed's CPU FusedAdam keeps beta^t as running products; a restarted process would start
+    them with pow(), which differs in the last bit at t = 8 for beta2 = 0.95 (checkpoint.load replays)."""
+    import copy
+
+    from deepspeed.ops.adam import FusedAdam
+
+    grads = [torch.randn(4096, generator=torch.Generator().manual_seed(t)) for t in range(8)]
+
+    def adam(weights):
+        param = torch.nn.Parameter(weights.clone())
+        return param, FusedAdam([param], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def step(param, opt, grad):
+        param.grad = grad.clone()
+        opt.step()
+
+    param, opt = adam(torch.zeros(4096))
+    for grad in grads[:7]:
+        step(param, opt, grad)
+    saved = (param.detach().clone(), copy.deepcopy(opt.state_dict()))
+    step(param, opt, grads[7])
+    uninterrupted = param.detach().clone()
+
+    def resumed(replay: bool) -> torch.Tensor:
+        # As in a restarted process: other betas make the kernel start its products over with pow().
+        _, fresh = adam(torch.ones(1))
+        fresh.multi_tensor_adam(2048, fresh._dummy_overflow_buf, [[torch.empty(0)]] * 4, 0.0, 0.5, 0.5, 0.0, 1, 1, 1, 0.0)
+        param, opt = adam(saved[0])
+        opt.load_state_dict(copy.deepcopy(saved[1]))
+        if replay:
+            checkpoint._replay_cpu_adam_products(opt)
+        step(param, opt, grads[7])
+        return param.detach()
+
+    assert torch.equal(resumed(replay=True), uninterrupted)
+    assert not torch.equal(resumed(replay=False), uninterrupted)  # what the replay is for

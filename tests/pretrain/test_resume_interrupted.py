@@ -31,6 +31,7 @@ def settings(setup: str) -> dict:
 
 
 def deterministic_metrics(run_dir: Path) -> list[dict]:
+    """Metric lines without the timings."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [{k: line[k] for k in DETERMINISTIC_KEYS if k in line} for line in lines]
 
