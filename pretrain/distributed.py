@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -131,3 +132,12 @@ def shutdown() -> None:
     if is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _finalize_mpi()
+
+
+def _finalize_mpi() -> None:
+    """Ends MPI when DeepSpeed's discovery started it: mpirun reports a rank that exits without
+    MPI_Finalize as failed, and the entry point's os._exit skips mpi4py's own atexit hook."""
+    mpi_module = sys.modules.get("mpi4py.MPI")
+    if mpi_module is not None and mpi_module.Is_initialized() and not mpi_module.Is_finalized():
+        mpi_module.Finalize()
