@@ -188,7 +188,7 @@ def starting_state(run_dir: Path, tag: str | None) -> tuple[dict[str, torch.Tens
     folder = checkpoint.checkpoints_dir(run_dir) / (tag or "")
     model_states = folder / "mp_rank_00_model_states.pt"
     if tag and model_states.is_file() and not any(folder.glob("*optim_states.pt")):
-        state = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+        state = torch.load(model_states, map_location="cpu", weights_only=True)["module"]
         return {k: v.float() for k, v in state.items()}, tag
     return checkpoint.consolidated_state_dict(run_dir, tag)
 
