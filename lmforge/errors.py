@@ -1,6 +1,7 @@
 """The one exception type users see, and the wrapper that turns it into a one-line exit."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -17,6 +18,7 @@ class LmforgeError(Exception):
 
 def run_cli(entry: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Runs `entry(argv)`; an LmforgeError becomes `error: <message>` on stderr and exit code 2."""
+    forbid_world_writable_outputs()
     try:
         return int(entry(argv) or 0)
     except LmforgeError as err:
@@ -26,3 +28,13 @@ def run_cli(entry: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def forbid_world_writable_outputs() -> None:
+    """Adds "others may not write" to the process umask, whatever the shell's umask was.
+
+    Every file and folder the project writes (shards, run dirs, checkpoints written by DeepSpeed
+    in this process, exports) then lacks the others-write bit, also under a permissive `umask 000`
+    that some cluster images and containers set. Group and read bits stay the user's choice.
+    """
+    os.umask(os.umask(0o022) | 0o002)

@@ -1,10 +1,11 @@
+# shellcheck shell=bash
 # Sourced by the sbatch scripts of launch/slurm/: the steps every SLURM launch shares.
 # Not a job script itself.
 
 # The checkout to run from: LMFORGE_ROOT, else the directory sbatch was called in (SLURM copies
 # the job script elsewhere, so its own path says nothing). Activates .venv when there is one.
 lmforge_enter_checkout() {
-  cd "${LMFORGE_ROOT:-$SLURM_SUBMIT_DIR}"
+  cd "${LMFORGE_ROOT:-$SLURM_SUBMIT_DIR}" || exit 2
   if [ ! -f pretrain/train.py ]; then
     echo "error: $PWD is not an lmforge checkout; submit from its root or set LMFORGE_ROOT" >&2
     exit 2
@@ -25,8 +26,9 @@ lmforge_master_address() {
 
 # `lmforge preflight "$@"` before any GPU work; exits 2 on a problem, exports TORCH_CUDA_ARCH_LIST.
 lmforge_preflight() {
-  local exports_sh
-  exports_sh=$(python -m lmforge.cli preflight "$@" ${PREFLIGHT_ARGS:-} --print-exports) || exit $?
+  local exports_sh extra_args
+  read -r -a extra_args <<< "${PREFLIGHT_ARGS:-}"  # e.g. PREFLIGHT_ARGS="--skip-checksums"
+  exports_sh=$(python -m lmforge.cli preflight "$@" "${extra_args[@]}" --print-exports) || exit $?
   eval "$exports_sh"
 }
 
