@@ -84,8 +84,12 @@ def build_deepspeed_config(path: Path, train: TrainConfig, data_parallel_size: i
     scheduler.setdefault("type", "WarmupCosineLR")
     sched = scheduler.setdefault("params", {})
     _fill(sched, "total_num_steps", train.max_steps, "train.max_steps", source, problems, "scheduler.params.")
-    _fill(sched, "warmup_num_steps", train.warmup_steps, "train.warmup_steps", source, problems, "scheduler.params.")
-    _fill(sched, "warmup_min_ratio", 0.0, "(linear warmup from 0)", source, problems, "scheduler.params.")
+    if train.warmup_steps > 0:
+        _fill(sched, "warmup_num_steps", train.warmup_steps, "train.warmup_steps", source, problems, "scheduler.params.")
+        _fill(sched, "warmup_min_ratio", 0.0, "(linear warmup from 0)", source, problems, "scheduler.params.")
+    else:  # WarmupCosineLR refuses 0 warmup steps: one step that already starts at the full lr
+        _fill(sched, "warmup_num_steps", 1, "train.warmup_steps = 0 (one step at full lr)", source, problems, "scheduler.params.")
+        _fill(sched, "warmup_min_ratio", 1.0, "train.warmup_steps = 0 (no warmup)", source, problems, "scheduler.params.")
     _fill(sched, "cos_min_ratio", train.min_lr / train.lr, "train.min_lr / train.lr", source, problems, "scheduler.params.")
     _fill(sched, "warmup_type", "linear", "(linear warmup)", source, problems, "scheduler.params.")
 

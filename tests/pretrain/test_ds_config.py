@@ -88,3 +88,22 @@ def test_every_shipped_json_merges_with_the_default_config(name):
         pytest.skip("fp16 needs a GPU")
     config = build_deepspeed_config(REPO_ROOT / "ds_configs" / name, TrainConfig(), 2, bf16_supported=True)
     assert config["train_batch_size"] == TrainConfig().micro_batch_size * 2
+
+
+def test_zero_warmup_steps_start_at_the_full_lr_in_deepspeeds_scheduler():
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    train = replace(TrainConfig(), lr=1e-3, min_lr=1e-4, max_steps=10, warmup_steps=0)
+    params = build_deepspeed_config(REPO_ROOT / "ds_configs/zero1.json", train, 1, bf16_supported=False)["scheduler"]["params"]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
+    scheduler = WarmupCosineLR(optimizer, **params)  # DeepSpeed raises on warmup_num_steps = 0
+    lrs = []
+    for _ in range(train.max_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])  # the lr this step updates with
+        optimizer.step()
+        scheduler.step()
+    # DeepSpeed's WarmupCosineLR gives lr 0 before its first step() (for any warmup), then here
+    # the full lr at once, decaying by cosine
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-3)
+    assert lrs[1:] == sorted(lrs[1:], reverse=True) and lrs[-1] < 1e-3
