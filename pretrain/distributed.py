@@ -141,3 +141,16 @@ def _finalize_mpi() -> None:
     mpi_module = sys.modules.get("mpi4py.MPI")
     if mpi_module is not None and mpi_module.Is_initialized() and not mpi_module.Is_finalized():
         mpi_module.Finalize()
+
+
+def launcher_world_size() -> int:
+    """The number of ranks the launcher says it started, read before any process group exists
+    (torchrun/deepspeed, OpenMPI, MPICH/PMI, srun); 1 when started plainly."""
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 1
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

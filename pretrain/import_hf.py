@@ -99,7 +99,7 @@ def save_as_run(config: PretrainConfig, state: dict[str, torch.Tensor], model_di
     from pretrain.config import resolve_repo_path
     from pretrain.ds_config import build_deepspeed_config
     from pretrain.engine import build_engine
-    from pretrain.train import bf16_supported, launcher_world_size
+    from pretrain.distributed import bf16_supported, launcher_world_size
 
     ds_path = resolve_repo_path(config.deepspeed.config)
     build_deepspeed_config(ds_path, config.train, launcher_world_size(), bf16_supported())  # a bad JSON fails here

@@ -26,6 +26,7 @@ from lmforge.errors import LmforgeError, run_cli
 from pretrain import checkpoint, distributed, faults, resume, run_checks
 from pretrain.config import PretrainConfig, load_pretrain_config, resolve_repo_path
 from pretrain.data_source import TrainingData, check_data
+from pretrain.distributed import bf16_supported, launcher_world_size
 from pretrain.ds_config import build_deepspeed_config, precision_of, zero_stage_of
 from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation
 from pretrain.model import Transformer
@@ -42,17 +43,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="if the latest checkpoint is damaged, resume from the previous intact one (run.resume_fallback)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser.parse_args(argv)
-
-
-def launcher_world_size() -> int:
-    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(key):
-            return int(os.environ[key])
-    return 1
-
-
-def bf16_supported() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 @dataclass(frozen=True)

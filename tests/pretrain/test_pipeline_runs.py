@@ -35,7 +35,7 @@ def _with_pipeline(prepare):
         from pretrain.config import resolve_repo_path
         from pretrain.ds_config import build_deepspeed_config
         from pretrain.pipeline import configure_pipeline, data_parallel_size, pipeline_stages_of
-        from pretrain.train import bf16_supported
+        from pretrain.distributed import bf16_supported
 
         run = prepare(config, world_size)
         if pipeline_stages_of(run.ds_config) == config.parallel.pipeline_stages:
