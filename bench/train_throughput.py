@@ -24,10 +24,8 @@ immediate_grad_update), `deepcompile` (DeepSpeed's DeepCompile through engine.co
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace

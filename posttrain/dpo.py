@@ -18,10 +18,10 @@ import torch
 
 from lmforge.errors import run_cli
 from posttrain.batches import ExampleOrder, PairBatch, eval_chunks, pair_batch
-from posttrain.config import load_posttrain_config
-from posttrain.job import Job, build_initial, launcher_world_size, parse_args, prepare_job, start_ranks
+from posttrain.job import Job, build_initial
 from posttrain.losses import dpo_loss, sequence_logprobs
 from posttrain.preferences import PreferenceData, load_preference_data
+from posttrain.verb import SupervisedVerb, run_supervised_verb
 from pretrain import distributed
 from pretrain.model import Transformer
 
@@ -65,30 +65,23 @@ class DPOStep:
         return weighted_mean_over_ranks(sums, weight)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def make_step(job: Job, engine, data: PreferenceData, info: distributed.DistributedInfo) -> DPOStep:
+    """The step, with the frozen reference: the same starting weights as the policy."""
     from posttrain.engine import build_frozen
-    from posttrain.loop import SupervisedLoop, print_summary
-    from pretrain.engine import build_engine
 
-    args = parse_args("dpo", __doc__.splitlines()[0], "dpo", argv)
-    config = load_posttrain_config(args.config, args.set)
-    job = prepare_job(config, launcher_world_size())
-    data = load_preference_data(job)
-    job, info = start_ranks(job)
-    try:
-        cfg = job.config
-        engine = build_engine(build_initial(cfg, Transformer), job.ds_config, cfg.train.weight_decay, cfg.train.compile)
-        reference = build_frozen(build_initial(cfg, Transformer), job.ds_config, cfg.dpo.reference, info.device)
-        loop = SupervisedLoop(job, engine, "dpo")
-        if distributed.is_main():
-            print(f"dpo: {len(data.train)} train pairs, {len(data.valid)} valid, {data.dropped} dropped, beta {cfg.dpo.beta}, "
-                  f"{info.world_size} rank(s), run dir {cfg.run.dir}", flush=True)
-        step = DPOStep(job, engine, reference, data, info)
-        last = loop.run(step.micro_loss, step.evaluate)
-        print_summary("dpo", loop.step, last)
-    finally:
-        distributed.shutdown()
-    return 0
+    reference = build_frozen(build_initial(job.config, Transformer), job.ds_config, job.config.dpo.reference, info.device)
+    return DPOStep(job, engine, reference, data, info)
+
+
+def describe(job: Job, data: PreferenceData) -> str:
+    return f"{len(data.train)} train pairs, {len(data.valid)} valid, {data.dropped} dropped, beta {job.config.dpo.beta}"
+
+
+DPO = SupervisedVerb("dpo", __doc__.splitlines()[0], load_preference_data, Transformer, make_step, describe)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_supervised_verb(DPO, argv)
 
 
 if __name__ == "__main__":

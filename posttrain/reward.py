@@ -18,11 +18,11 @@ import torch
 
 from lmforge.errors import run_cli
 from posttrain.batches import ExampleOrder, PairBatch, eval_chunks, pair_batch
-from posttrain.config import load_posttrain_config
 from posttrain.heads import ScalarHeadModel, last_token_scores
-from posttrain.job import Job, build_initial, launcher_world_size, parse_args, prepare_job, start_ranks
+from posttrain.job import Job
 from posttrain.losses import bradley_terry_loss
 from posttrain.preferences import PreferenceData, load_preference_data
+from posttrain.verb import SupervisedVerb, run_supervised_verb
 from pretrain import distributed
 
 
@@ -63,29 +63,15 @@ class RewardStep:
         return weighted_mean_over_ranks(sums, weight)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from posttrain.loop import SupervisedLoop, print_summary
-    from pretrain.engine import build_engine
+def describe(job: Job, data: PreferenceData) -> str:
+    return f"{len(data.train)} train pairs, {len(data.valid)} valid, {data.dropped} dropped"
 
-    args = parse_args("reward", __doc__.splitlines()[0], "reward", argv)
-    config = load_posttrain_config(args.config, args.set)
-    job = prepare_job(config, launcher_world_size())
-    data = load_preference_data(job)
-    job, info = start_ranks(job)
-    try:
-        cfg = job.config
-        model = build_initial(cfg, ScalarHeadModel)
-        engine = build_engine(model, job.ds_config, cfg.train.weight_decay, cfg.train.compile)
-        loop = SupervisedLoop(job, engine, "reward")
-        if distributed.is_main():
-            print(f"reward: {len(data.train)} train pairs, {len(data.valid)} valid, {data.dropped} dropped, "
-                  f"{info.world_size} rank(s), run dir {cfg.run.dir}", flush=True)
-        step = RewardStep(job, engine, data, info)
-        last = loop.run(step.micro_loss, step.evaluate)
-        print_summary("reward", loop.step, last)
-    finally:
-        distributed.shutdown()
-    return 0
+
+REWARD = SupervisedVerb("reward", __doc__.splitlines()[0], load_preference_data, ScalarHeadModel, RewardStep, describe)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_supervised_verb(REWARD, argv)
 
 
 if __name__ == "__main__":

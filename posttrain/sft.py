@@ -19,11 +19,11 @@ import torch
 
 from lmforge.errors import LmforgeError, run_cli
 from posttrain.batches import EvalChunk, ExampleOrder, eval_chunks, lm_inputs_and_targets, pack
-from posttrain.config import load_posttrain_config
 from posttrain.formats import SFT_SHAPE, parse_sft, split_records
-from posttrain.job import Job, build_initial, launcher_world_size, parse_args, prepare_job, start_ranks
+from posttrain.job import Job
 from posttrain.losses import sft_loss
 from posttrain.template import Rendered, render_sft
+from posttrain.verb import SupervisedVerb, run_supervised_verb
 from pretrain import distributed
 from pretrain.model import Transformer, token_cross_entropy
 
@@ -93,30 +93,17 @@ class SFTStep:
         return weighted_mean_over_ranks({"loss": total}, count)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from posttrain.loop import SupervisedLoop, print_summary
-    from pretrain.engine import build_engine
+def describe(job: Job, data: SFTData) -> str:
+    packed = " (packed)" if job.config.data.packing else ""
+    return (f"{len(data.train)} train rows{packed}, {len(data.valid)} valid, "
+            f"{data.dropped} dropped (no response within train.seq_len)")
 
-    args = parse_args("sft", __doc__.splitlines()[0], "sft", argv)
-    config = load_posttrain_config(args.config, args.set)
-    job = prepare_job(config, launcher_world_size())
-    data = load_sft_data(job)
-    job, info = start_ranks(job)
-    try:
-        cfg = job.config
-        model = build_initial(cfg, Transformer)
-        engine = build_engine(model, job.ds_config, cfg.train.weight_decay, cfg.train.compile)
-        loop = SupervisedLoop(job, engine, "sft")
-        if distributed.is_main():
-            print(f"sft: {len(data.train)} train rows{' (packed)' if cfg.data.packing else ''}, {len(data.valid)} valid, "
-                  f"{data.dropped} dropped (no response within train.seq_len), {info.world_size} rank(s), "
-                  f"run dir {cfg.run.dir}", flush=True)
-        step = SFTStep(job, engine, data, info)
-        last = loop.run(step.micro_loss, step.evaluate)
-        print_summary("sft", loop.step, last)
-    finally:
-        distributed.shutdown()
-    return 0
+
+SFT = SupervisedVerb("sft", __doc__.splitlines()[0], load_sft_data, Transformer, SFTStep, describe)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_supervised_verb(SFT, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
 """SFT end to end: from a pretrained run, on 2 ranks with ZeRO-3 and packing; the run feeds the next stage."""
-import json
 
 import pytest
 import torch

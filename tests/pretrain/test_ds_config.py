@@ -9,7 +9,7 @@ from pretrain.config import REPO_ROOT, TrainConfig
 from pretrain.ds_config import activation_checkpoint_every, build_deepspeed_config, precision_of, zero_stage_of
 
 
-def write(tmp_path, data) -> "Path":
+def write(tmp_path, data):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(data))
     return path
