@@ -144,8 +144,6 @@ class PosttrainConfig:
         if self.init.from_run is None and self.init.tokenizer is None:
             found.append("init.from_run and init.tokenizer are both null: set init.from_run=RUN_DIR, "
                          "or init.tokenizer=PATH to train a model from scratch")
-        if self.train.warmup_steps < 1:
-            found.append(f"train.warmup_steps = {self.train.warmup_steps}: DeepSpeed's WarmupCosineLR needs at least 1")
         if self.data.max_prompt_len >= self.train.seq_len:
             found.append(f"data.max_prompt_len = {self.data.max_prompt_len}: must be below train.seq_len = "
                          f"{self.train.seq_len} (the response needs room)")
