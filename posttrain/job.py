@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lmforge.config import config_from_mapping, read_yaml_mapping, save_config
+from lmforge.config import save_config
 from lmforge.errors import LmforgeError
 from posttrain.config import PosttrainConfig
 from posttrain.heads import ScalarHeadModel
@@ -21,8 +21,8 @@ from pretrain import checkpoint
 from pretrain.config import TrainConfig, resolve_repo_path
 from pretrain.ds_config import build_deepspeed_config
 from pretrain.model import ModelConfig, Transformer
-
-TOKENIZER_COPY = "tokenizer.model"
+# Reading any run (pretrain, import-hf, post-training) is pretrain.run_dir's; posttrain's callers import these from here too.
+from pretrain.run_dir import TOKENIZER_COPY, run_model_config, run_tokenizer_path  # noqa: F401
 
 
 def parse_args(verb: str, description: str, default_config: str, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,47 +43,6 @@ def launcher_world_size() -> int:
 
 def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-@dataclass(frozen=True)
-class _ModelOnly:
-    model: ModelConfig
-
-
-def run_model_config(run_dir: Path) -> ModelConfig:
-    """The `model` section of RUN_DIR/config.yaml (any lmforge run: pretrain, import-hf, post-training)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise LmforgeError(f"init.from_run = {run_dir}: not an lmforge run directory (no config.yaml)")
-    data = read_yaml_mapping(path)
-    if not isinstance(data.get("model"), dict):
-        raise LmforgeError(f"{path}: has no model section")
-    return config_from_mapping(_ModelOnly, {"model": data["model"]}, str(path)).model
-
-
-def run_tokenizer_path(run_dir: Path) -> Path:
-    """The tokenizer a run was trained with: RUN_DIR/tokenizer.model, the one `lmforge import-hf` kept,
-    its init.tokenizer, or the one beside its shards."""
-    from pretrain.hf_tokenizer import SOURCE_TOKENIZER_DIR
-
-    run_dir = Path(run_dir)
-    candidates = [run_dir / TOKENIZER_COPY, run_dir / SOURCE_TOKENIZER_DIR / TOKENIZER_COPY]
-    config_path = run_dir / "config.yaml"
-    if config_path.is_file():
-        data = read_yaml_mapping(config_path)
-        init_tokenizer = (data.get("init") or {}).get("tokenizer")
-        if init_tokenizer:
-            candidates.append(resolve_repo_path(Path(init_tokenizer)))
-        shard_dirs = (data.get("data") or {}).get("path")
-        if isinstance(shard_dirs, (str, list)) and shard_dirs:
-            first = shard_dirs if isinstance(shard_dirs, str) else shard_dirs[0]
-            candidates.append(resolve_repo_path(Path(first)) / TOKENIZER_COPY)
-    for path in candidates:
-        path = path / TOKENIZER_COPY if path.is_dir() else path
-        if path.is_file():
-            return path
-    raise LmforgeError(f"init.from_run = {run_dir}: its tokenizer was not found ({', '.join(map(str, candidates))}); "
-                       "set init.tokenizer=PATH")
 
 
 @dataclass(frozen=True)
@@ -128,7 +87,10 @@ def prepare_job(config: PosttrainConfig, world_size: int, train: TrainConfig | N
             raise LmforgeError(f"init.from_run = {run_dir}: no complete checkpoint{f' {tag}' if tag else ''} there")
         init = replace(init, from_run=run_dir, tag=tag)
     model = _resolve_model(config)
-    tokenizer_path = resolve_repo_path(init.tokenizer) if init.tokenizer is not None else run_tokenizer_path(init.from_run)
+    if init.tokenizer is not None:
+        tokenizer_path = resolve_repo_path(init.tokenizer)
+    else:
+        tokenizer_path = run_tokenizer_path(init.from_run, fix="set init.tokenizer=PATH")
     tokenizer = Tokenizer.load(tokenizer_path)
     if model.vocab_size is None:
         model = model.with_vocab(tokenizer.vocab_size)

@@ -1,4 +1,8 @@
-"""`lmforge generate --checkpoint RUN_DIR --prompt TEXT`: sample from a trained run."""
+"""`lmforge generate --checkpoint RUN_DIR --prompt TEXT`: sample from a trained run.
+
+Any language-model run: pretraining, import-hf, SFT, DPO, PPO (its actor). The prompt is raw text after
+an end-of-document token, which is also post-training's raw-prompt template (`</s> PROMPT`).
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +14,7 @@ import torch
 
 from lmforge.errors import LmforgeError, run_cli
 from pretrain.eval_checkpoint import load_checked_model
-from pretrain.run_dir import tokenizer_model_path
+from pretrain.run_dir import load_run_tokenizer
 from pretrain.sampling import generate
 
 
@@ -29,15 +33,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from data_prep.tokenizer import Tokenizer
-
     args = parse_args(argv)
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise LmforgeError("--max-new-tokens and --num-samples must be at least 1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, config, tag = load_checked_model(args.checkpoint, args.step)
     model = model.to(device)
-    tokenizer = Tokenizer.load(tokenizer_model_path(config))
+    tokenizer = load_run_tokenizer(args.checkpoint, config.model)
     # Training saw documents after end-of-document tokens, never after BOS: start from EOD.
     ids = [tokenizer.eod_id] + tokenizer.encode(args.prompt)
     prompt = torch.tensor([ids] * args.num_samples, device=device)
