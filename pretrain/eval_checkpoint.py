@@ -8,6 +8,10 @@ bf16/fp16 mode the module is 16-bit and the fp32 master weights are the optimize
 `fp32_groups_flat`, one flat tensor per parameter group, which are cut back into parameters here.
 Every tensor is then checked against the model config.yaml describes, so a config that does not
 match its checkpoint (another vocab, another width) is a one-line error, not a traceback.
+
+Post-training runs read the same way (pretrain.run_dir reads their config): SFT and DPO checkpoint
+the language model, PPO its actor (RUN_DIR/checkpoints; the critic is under RUN_DIR/critic/). A
+reward model (keys `lm.*`, `head.*`: a scalar head, not a causal LM) is refused with one line.
 """
 from __future__ import annotations
 
@@ -17,10 +21,9 @@ import torch
 
 from lmforge.errors import LmforgeError
 from pretrain import checkpoint
-from pretrain.config import PretrainConfig
 from pretrain.model import ModelConfig, Transformer
 from pretrain.pipeline_checkpoint import is_pipeline_checkpoint, pipeline_state_dict_to_model
-from pretrain.run_dir import load_run_config
+from pretrain.run_dir import AnyRunConfig, load_run_config, run_model_config
 
 MODULE_STATES = "mp_rank_00_model_states.pt"
 
@@ -50,6 +53,8 @@ def _fp32_masters(states: dict, module: dict[str, torch.Tensor], model: ModelCon
         meta = Transformer(model)
     names = {id(p): n for n, p in meta.named_parameters()}
     groups = [[names[id(p)] for p in group["params"]] for group in parameter_groups(meta, 0.0)]
+    if any(n not in module for group in groups for n in group):
+        return None  # not a plain Transformer's module (a reward model's lm.* / head.*)
     if len(groups) != len(flats) or any(sum(module[n].numel() for n in g) != f.numel() for g, f in zip(groups, flats)):
         return None
     aliases: dict[int, list[str]] = {}
@@ -87,7 +92,7 @@ def run_state_dict(run_dir: Path, step: int | None = None) -> tuple[dict[str, to
     if is_pipeline_checkpoint(folder):
         return pipeline_state_dict_to_model(folder), tag
     if not any(folder.glob("*optim_states.pt")):
-        return _zero0_module_state(folder, load_run_config(run_dir).model), tag
+        return _zero0_module_state(folder, run_model_config(run_dir)), tag
     return checkpoint.consolidated_state_dict(run_dir, tag)
 
 
@@ -114,16 +119,31 @@ def check_state_dict(state: dict[str, torch.Tensor], model: ModelConfig, where: 
         raise LmforgeError(f"{where}: weights do not match the config's model ({_describe(model)}): {'; '.join(problems[:4])}")
 
 
-def load_checked_model(run_dir: Path, step: int | None = None) -> tuple[Transformer, PretrainConfig, str]:
-    """The run's model (CPU, fp32, eval mode) with its checkpoint's weights, and its config and tag."""
+def lm_state_dict(run_dir: Path, model: ModelConfig, step: int | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The fp32 weights of the run's language model at `step` (None: latest), checked against `model`, and the tag.
+
+    A tied head's `lm_head.weight` is filled in from the embedding. A reward model's checkpoint is refused.
+    """
+    state, tag = run_state_dict(run_dir, step)
+    folder = checkpoint.checkpoints_dir(run_dir) / tag
+    if "head.weight" in state and any(k.startswith("lm.") for k in state):
+        raise LmforgeError(f"{run_dir}: a reward model ({folder} holds a scalar head on the LM trunk, keys lm.*, head.*), "
+                           "not a causal language model; use an SFT, DPO, PPO (its actor) or pretraining run")
+    if model.tied and "embed.weight" in state:
+        state.setdefault("lm_head.weight", state["embed.weight"])
+    check_state_dict(state, model, f"{folder} with {Path(run_dir) / 'config.yaml'}")
+    return state, tag
+
+
+def load_checked_model(run_dir: Path, step: int | None = None) -> tuple[Transformer, AnyRunConfig, str]:
+    """The run's model (CPU, fp32, eval mode) with its checkpoint's weights, and its config and tag.
+
+    Any run: pretraining, import-hf, SFT, DPO, PPO (the actor); the config is a PretrainConfig or a PosttrainConfig.
+    """
     config = load_run_config(run_dir)
     if config.model.vocab_size is None:
         raise LmforgeError(f"{Path(run_dir) / 'config.yaml'}: model.vocab_size is null; a trained run's config names it")
-    state, tag = run_state_dict(run_dir, step)
-    if config.model.tied and "embed.weight" in state:
-        state.setdefault("lm_head.weight", state["embed.weight"])
-    where = f"{checkpoint.checkpoints_dir(run_dir) / tag} with {Path(run_dir) / 'config.yaml'}"
-    check_state_dict(state, config.model, where)
+    state, tag = lm_state_dict(run_dir, config.model, step)
     model = Transformer(config.model)
     model.load_state_dict(state)
     return model.eval(), config, tag

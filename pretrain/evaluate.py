@@ -33,7 +33,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lmforge eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="RUN_DIR", help="run directory to evaluate")
     parser.add_argument("--step", type=int, default=None, help="evaluate this step's checkpoint (default: latest)")
-    parser.add_argument("--data", type=Path, default=None, metavar="SHARD_DIR", help="shard directory (default: the run's first data.path)")
+    parser.add_argument("--data", type=Path, default=None, metavar="SHARD_DIR",
+                        help="shard directory (default: the run's first data.path; needed for a post-training run)")
     parser.add_argument("--split", choices=("valid", "train"), default="valid", help="which split (default: valid)")
     parser.add_argument("--batches", type=int, default=None, help="at most this many batches per rank (default: the whole split)")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: train.micro_batch_size)")
@@ -119,24 +120,35 @@ def summed_loss(model, windows: SplitWindows, batches: Iterator[range], device: 
     return nats, tokens, sequences
 
 
-def _check_data(run_config, manifest, shard_dir: Path) -> None:
-    model = run_config.model
+def default_shard_dir(run_dir: Path, run_config) -> Path:
+    """The run's first training shard directory; a post-training run (trained on JSONL) has none."""
+    from pretrain.run_dir import training_shards
+
+    shards = training_shards(run_config)
+    if not shards:
+        raise LmforgeError(f"{run_dir}: a post-training run (it trained on JSONL, not shards); "
+                           "pass --data SHARD_DIR, shards made with its tokenizer")
+    return shards[0]
+
+
+def _check_data(run_dir: Path, model, manifest, shard_dir: Path) -> None:
     if manifest.tokenizer.vocab_size != model.vocab_size:
         raise LmforgeError(
             f"{shard_dir}: made with a {manifest.tokenizer.vocab_size}-token tokenizer, but the run's model has "
             f"model.vocab_size = {model.vocab_size}; evaluate on shards made with the run's tokenizer"
         )
-    from data_prep.manifest import load_manifest
-    from pretrain.config import resolve_repo_path
+    from data_prep.tokenizer import Tokenizer
+    from pretrain.run_dir import run_tokenizer_path
 
     try:
-        trained_on = load_manifest(resolve_repo_path(run_config.data.path[0])).tokenizer.fingerprint
+        path = run_tokenizer_path(run_dir)
+        trained_with = Tokenizer.load(path).fingerprint
     except LmforgeError:
-        return  # the training shards are elsewhere: the vocab check above is what we can do
-    if trained_on != manifest.tokenizer.fingerprint:
+        return  # the run's tokenizer is elsewhere: the vocab check above is what we can do
+    if trained_with != manifest.tokenizer.fingerprint:
         raise LmforgeError(
-            f"{shard_dir}: made with tokenizer {manifest.tokenizer.fingerprint[:12]}..., but the run trained on "
-            f"{run_config.data.path[0]} made with {trained_on[:12]}...; evaluate on shards of the run's tokenizer"
+            f"{shard_dir}: made with tokenizer {manifest.tokenizer.fingerprint[:12]}..., but the run's tokenizer "
+            f"{path} is {trained_with[:12]}...; evaluate on shards of the run's tokenizer"
         )
 
 
@@ -159,13 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from data_prep.manifest import load_manifest
     from pretrain import distributed
     from pretrain.checkpoint import write_atomic
-    from pretrain.config import resolve_repo_path
     from pretrain.eval_checkpoint import load_checked_model
     from pretrain.run_dir import load_run_config
 
     args = parse_args(argv)
     run_config = load_run_config(args.checkpoint)
-    shard_dir = args.data if args.data is not None else resolve_repo_path(run_config.data.path[0])
+    shard_dir = args.data if args.data is not None else default_shard_dir(args.checkpoint, run_config)
     seq_len = args.seq_len or run_config.train.seq_len
     batch_size = args.batch_size or run_config.train.micro_batch_size
     for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--batches", args.batches)):
@@ -174,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if seq_len > run_config.model.max_seq_len:
         raise LmforgeError(f"--seq-len {seq_len}: longer than the model's max_seq_len = {run_config.model.max_seq_len}")
     manifest = load_manifest(shard_dir)
-    _check_data(run_config, manifest, shard_dir)
+    _check_data(args.checkpoint, run_config.model, manifest, shard_dir)
     windows = SplitWindows(shard_dir, args.split, seq_len)
     model, _, tag = load_checked_model(args.checkpoint, args.step)  # every check is done before any process group
 

@@ -3,7 +3,8 @@
 DIR gets (docs/interop.md): model.safetensors (or shards + model.safetensors.index.json),
 config.json for LlamaForCausalLM (llama) or GPT2LMHeadModel (gpt2), generation_config.json, and
 the tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model;
-for a run made by `lmforge import-hf`, the source model's own tokenizer files).
+for a run made by `lmforge import-hf`, the source model's own tokenizer files). RUN_DIR may also be a
+post-training run: SFT, DPO, or PPO (its actor); a reward model is refused (pretrain.eval_checkpoint).
 Nothing in DIR refers to lmforge: `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` need only transformers. DIR appears complete or not at all:
 it is written beside its final place, then renamed.
@@ -21,14 +22,14 @@ from typing import Sequence
 import torch
 
 from lmforge.errors import LmforgeError, run_cli
-from pretrain.eval_checkpoint import check_state_dict, run_state_dict
+from pretrain.eval_checkpoint import lm_state_dict
 from pretrain.hf_mapping import SpecialTokens, hf_config, to_hf
 from pretrain.hf_tokenizer import (
-    SOURCE_TOKENIZER_DIR, copy_source_tokenizer, has_source_tokenizer, special_tokens, write_hf_tokenizer,
+    copy_source_tokenizer, has_source_tokenizer, special_tokens, write_hf_tokenizer,
 )
 from pretrain.hf_weights import parse_size, save_safetensors
 from pretrain.model import ModelConfig
-from pretrain.run_dir import load_run_config
+from pretrain.run_dir import load_run_config, load_run_tokenizer, run_tokenizer_path
 
 DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
 
@@ -40,36 +41,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, required=True, metavar="DIR", help="model directory to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight precision (default: fp32)")
     parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="tokenizer.model to ship (default: the copy beside the run's shards, data.path)")
+                        help="tokenizer.model to ship (default: the run's: RUN_DIR/tokenizer.model of a post-training run, "
+                             "else the copy beside its shards, data.path)")
     parser.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size (default: 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     return parser.parse_args(argv)
 
 
-def find_tokenizer_model(run_dir: Path, data_paths: Sequence[Path], override: Path | None) -> Path:
-    """The sentencepiece model: --tokenizer, else an imported run's, else the shard dir's copy, else the manifest's path."""
-    from pretrain.config import resolve_repo_path
-
-    if override is not None:
-        path = override / "tokenizer.model" if override.is_dir() else override
-        if not path.is_file():
-            raise LmforgeError(f"--tokenizer {override}: no sentencepiece tokenizer.model there")
-        return path
-    if (Path(run_dir) / SOURCE_TOKENIZER_DIR / "tokenizer.model").is_file():
-        return Path(run_dir) / SOURCE_TOKENIZER_DIR / "tokenizer.model"
-    shard_dir = resolve_repo_path(data_paths[0])
-    if (shard_dir / "tokenizer.model").is_file():
-        return shard_dir / "tokenizer.model"
-    try:
-        original = Path(json.loads((shard_dir / "manifest.json").read_text())["tokenizer"]["path"])
-    except (OSError, ValueError, KeyError, TypeError):
-        original = None
-    if original is not None and original.is_file():
-        return original
-    raise LmforgeError(
-        f"{run_dir}: the run's tokenizer is not beside its shards ({shard_dir}/tokenizer.model); "
-        "pass --tokenizer PATH/tokenizer.model"
-    )
+def _tokenizer_path(run_dir: Path, override: Path | None) -> Path:
+    """--tokenizer (a tokenizer.model or its directory), else the run's own (pretrain.run_dir.run_tokenizer_path)."""
+    if override is None:
+        return run_tokenizer_path(run_dir, fix="pass --tokenizer PATH/tokenizer.model")
+    path = override / "tokenizer.model" if override.is_dir() else override
+    if not path.is_file():
+        raise LmforgeError(f"--tokenizer {override}: no sentencepiece tokenizer.model there")
+    return path
 
 
 def generation_config(model: ModelConfig, special: SpecialTokens) -> dict:
@@ -108,28 +94,17 @@ def _move_into_place(staging: Path, output: Path) -> None:
 def export(run_dir: Path, output: Path, step: int | None = None, dtype: str = "fp32",
            tokenizer: Path | None = None, max_shard_size: str = "5GB", overwrite: bool = False) -> list[str]:
     """Writes the HF model directory; returns the names of the files written."""
-    from data_prep.tokenizer import Tokenizer
-
     max_shard_bytes = parse_size(max_shard_size)
     _check_output(Path(output), overwrite)
-    config = load_run_config(run_dir)
-    model = config.model
+    model = load_run_config(run_dir).model
     token_model = None
     if tokenizer is not None or not has_source_tokenizer(Path(run_dir)):
-        token_model = Tokenizer.load(find_tokenizer_model(run_dir, config.data.path, tokenizer))
-        if model.vocab_size != token_model.vocab_size:
-            raise LmforgeError(
-                f"{Path(run_dir) / 'config.yaml'}: model.vocab_size = {model.vocab_size} but the tokenizer "
-                f"{token_model.model_path} has {token_model.vocab_size} pieces; pass the run's tokenizer with --tokenizer"
-            )
+        token_model = load_run_tokenizer(run_dir, model, _tokenizer_path(run_dir, tokenizer))
         special, _ = special_tokens(token_model.model_bytes())
     else:
         special = copy_source_tokenizer(Path(run_dir), None)[1]
     hf_settings = hf_config(model, special, DTYPES[dtype][1])  # before reading weights: rejects a GQA gpt2
-    state, tag = run_state_dict(run_dir, step)
-    if model.tied and "embed.weight" in state:
-        state.setdefault("lm_head.weight", state["embed.weight"])
-    check_state_dict(state, model, f"{Path(run_dir) / 'checkpoints' / tag} with {Path(run_dir) / 'config.yaml'}")
+    state, tag = lm_state_dict(run_dir, model, step)  # refuses a reward model
     weights = {k: v.to(DTYPES[dtype][0]) for k, v in to_hf(state, model).items()}
 
     staging = _staging_dir(Path(output))
