@@ -4,8 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lmforge.errors import LmforgeError
 
@@ -73,3 +74,21 @@ def ensure_writable_dir(directory: Path) -> Path:
         reason = err.strerror or type(err).__name__
         raise LmforgeError(f"{directory}: output directory is not writable ({reason})") from None
     return directory
+
+
+@contextmanager
+def output_directory(directory: Path) -> Iterator[Path]:
+    """`ensure_writable_dir` for the length of a job: the folders it had to create are removed again
+    when the job fails before writing anything into them, so a refused input leaves no trace."""
+    directory = Path(directory)
+    created = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
+    ensure_writable_dir(directory)
+    try:
+        yield directory
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: something was written, keep it
+                break
+        raise

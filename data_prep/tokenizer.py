@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Sequence
 import sentencepiece as spm
 
 from data_prep.corpus import Corpus, CorpusSpec, describe_inputs
-from data_prep.files import atomic_write_bytes, atomic_write_json, ensure_writable_dir
+from data_prep.files import atomic_write_bytes, atomic_write_json, output_directory
 from lmforge.errors import LmforgeError
 
 MODEL_FILE = "tokenizer.model"
@@ -155,12 +155,16 @@ def train_tokenizer(spec: CorpusSpec, options: TokenizerOptions, output_dir: Pat
 
     When DIR already holds the model of the same inputs (paths, sizes, mtimes) and options, nothing is redone.
     """
-    from tqdm import tqdm
-
     corpus = Corpus(spec)
     if tokenizer_is_current(spec, options, output_dir):
         return Path(output_dir) / MODEL_FILE
-    output_dir = ensure_writable_dir(Path(output_dir))
+    with output_directory(Path(output_dir)) as directory:
+        return _train_into(corpus, spec, options, directory, progress)
+
+
+def _train_into(corpus: Corpus, spec: CorpusSpec, options: TokenizerOptions, output_dir: Path, progress: bool) -> Path:
+    from tqdm import tqdm
+
     fingerprint = _Fingerprinter()
     limit = options.max_sentence_length
     documents = tqdm(corpus.documents(), desc="tokenizer: reading", unit=" docs", disable=not progress)

@@ -36,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise LmforgeError("--max-new-tokens and --num-samples must be at least 1")
+    if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
+        raise LmforgeError(f"--temperature {args.temperature}, --top-k {args.top_k}, --top-p {args.top_p}: expected "
+                           "temperature >= 0 (0: greedy), top-k >= 0 (0: off) and 0 < top-p <= 1 (1: off)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, config, tag = load_checked_model(args.checkpoint, args.step)
     model = model.to(device)

@@ -21,6 +21,14 @@ def verify_shards(data: DataConfig) -> None:
         verify_manifest(resolve_repo_path(path))  # cached per (file, size, mtime): training does not hash twice
 
 
+def open_datasets(data: DataConfig, seq_len: int, seed: int) -> None:
+    """Opens the shards as training will (index against .bin: dtype, sizes, windows), so a shard set that
+    passes its checksums but cannot be read fails before run.dir exists."""
+    from pretrain.data_source import TrainingData
+
+    TrainingData(data, seq_len, seed, 0, 1)
+
+
 def check_run_dir(run_dir: Path) -> None:
     """Creates run.dir and writes a probe file in it; an OSError becomes one line."""
     try:

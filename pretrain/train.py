@@ -69,6 +69,7 @@ def prepare(config: PretrainConfig, world_size: int, verify_checksums: bool = Tr
     ds_config = configure_pipeline(ds_config, config.parallel, config.model, world_size)
     if verify_checksums:
         run_checks.verify_shards(config.data)
+    run_checks.open_datasets(config.data, config.train.seq_len, config.train.seed)
     run_checks.check_disk_space(config.run.dir, config.model, config.train.keep_last)
     run_checks.check_run_dir(config.run.dir)
     return PreparedRun(config, ds_config)

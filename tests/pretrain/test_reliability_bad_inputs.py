@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from data_prep.files import sha256_file
+from lmforge.cli import VERBS
 from tests.pretrain.training_runs import REPO, run_env, run_training
 
 TINY = ["--set", "model.n_layers=2", "--set", "model.d_model=32", "--set", "model.n_heads=4", "--set", "model.n_kv_heads=2",
@@ -181,6 +182,20 @@ CASES = [
     BadInput("sft-malformed-jsonl", lambda ws: ["sft", "--set", f"init.from_run={ws / 'run'}", "--set", f"data.train={ws / 'sft.jsonl'}",
                                                 "--set", f"run.dir={ws / 'sft'}"],
              ("{ws}/sft.jsonl:2: not valid JSON",), (write("sft.jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "x"\n'),)),
+    BadInput("reward-pair-without-rejected", lambda ws: ["reward", "--set", f"init.from_run={ws / 'run'}",
+                                                         "--set", f"data.train={ws / 'pairs.jsonl'}", "--set", f"run.dir={ws / 'rm'}"],
+             ('{ws}/pairs.jsonl:1: "rejected" is missing or null, not a string',),
+             (write("pairs.jsonl", '{"prompt": "a", "chosen": "b"}\n'),)),
+    BadInput("dpo-negative-beta", lambda ws: ["dpo", "--set", f"init.from_run={ws / 'run'}", "--set", f"data.train={ws / 'pairs.jsonl'}",
+                                              "--set", f"run.dir={ws / 'dpo'}", "--set", "dpo.beta=-1"],
+             ("dpo.beta = -1.0: must be positive",), (write("pairs.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "c"}\n'),)),
+    BadInput("ppo-prompt-record-without-prompt", lambda ws: ["ppo", "--set", f"init.from_run={ws / 'run'}", "--set", f"ppo.reward_run={ws / 'run'}",
+                                                             "--set", f"data.train={ws / 'prompts.jsonl'}", "--set", f"run.dir={ws / 'ppo'}"],
+             ('{ws}/prompts.jsonl:1: "prompt" is missing or null, not a string',), (write("prompts.jsonl", '{"text": "a"}\n'),)),
+    BadInput("generate-no-new-tokens", lambda ws: ["generate", "--checkpoint", str(ws / "run"), "--prompt", "x", "--max-new-tokens", "0"],
+             ("--max-new-tokens and --num-samples must be at least 1",)),
+    BadInput("generate-top-p-above-1", lambda ws: ["generate", "--checkpoint", str(ws / "run"), "--prompt", "x", "--top-p", "1.5"],
+             ("--top-p 1.5: expected", "0 < top-p <= 1")),
     BadInput("plot-without-metrics", lambda ws: ["plot", str(ws / "emptydir")], ("{ws}/emptydir/metrics.jsonl: no training metrics to plot",)),
     BadInput("unknown-verb", lambda ws: ["trian"], ("unknown verb 'trian'; did you mean 'train'?",)),
 ]
@@ -190,7 +205,7 @@ def test_the_catalogue_has_at_least_30_inputs_across_the_verbs():
     assert len(CASES) >= 30
     assert len({c.name for c in CASES}) == len(CASES)
     verbs = {c.argv(Path("/ws"))[0] for c in CASES}
-    assert {"train", "prep", "preflight", "eval", "export-hf", "import-hf", "sft", "plot"} <= verbs
+    assert set(VERBS) <= verbs
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +219,9 @@ def pristine(tiny_corpus_shards, tmp_path_factory) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's hash and every folder: a new empty folder (a run dir made too early) counts too."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(root.rglob("*"))}
 
 
 @pytest.mark.slow
