@@ -19,8 +19,10 @@ from posttrain.config import PosttrainConfig
 from posttrain.heads import ScalarHeadModel
 from pretrain import checkpoint
 from pretrain.config import TrainConfig, resolve_repo_path
+from pretrain.distributed import bf16_supported, launcher_world_size
 from pretrain.ds_config import build_deepspeed_config
 from pretrain.model import ModelConfig, Transformer
+from pretrain.run_checks import check_run_dir
 # Reading any run (pretrain, import-hf, post-training) is pretrain.run_dir's; posttrain's callers import these from here too.
 from pretrain.run_dir import TOKENIZER_COPY, run_model_config, run_tokenizer_path  # noqa: F401
 
@@ -32,17 +34,6 @@ def parse_args(verb: str, description: str, default_config: str, argv: Sequence[
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
-
-def launcher_world_size() -> int:
-    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(key):
-            return int(os.environ[key])
-    return 1
-
-
-def bf16_supported() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 @dataclass(frozen=True)
@@ -63,16 +54,6 @@ def _resolve_model(config: PosttrainConfig) -> ModelConfig:
         raise LmforgeError(f"model: the model section comes from init.from_run = {run_dir}/config.yaml; "
                            "remove it (or set init.from_run to null to train from scratch)")
     return model
-
-
-def _check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_probe{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise LmforgeError(f"run.dir = {run_dir}: not writable ({err.strerror})") from None
 
 
 def prepare_job(config: PosttrainConfig, world_size: int, train: TrainConfig | None = None) -> Job:
@@ -106,14 +87,15 @@ def prepare_job(config: PosttrainConfig, world_size: int, train: TrainConfig | N
     config = replace(config, model=model, init=replace(init, tokenizer=Path(tokenizer_path)))
     ds_path = resolve_repo_path(config.deepspeed.config)
     ds_config = build_deepspeed_config(ds_path, train or config.train, world_size, bf16_supported())
-    _check_writable(config.run.dir)
     return Job(config, ds_config, tokenizer)
 
 
 def start_ranks(job: Job, train: TrainConfig | None = None):
-    """Creates the process group; returns (job, DistributedInfo), the job re-merged if MPI only now told the world size."""
+    """Creates run.dir (the last check: after the verb's data was read) and the process group; returns
+    (job, DistributedInfo), the job re-merged if MPI only now told the world size."""
     from pretrain import distributed
 
+    check_run_dir(job.config.run.dir)
     info = distributed.init_distributed()
     if info.world_size != launcher_world_size():
         job = prepare_job(job.config, info.world_size, train)
@@ -141,18 +123,10 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source
 
 
 def starting_state(run_dir: Path, tag: str | None) -> tuple[dict[str, torch.Tensor], str]:
-    """fp32 weights of a run's checkpoint (any ZeRO stage) and the tag read.
+    """fp32 weights of a run's checkpoint (any ZeRO stage; a reward model's too) and the tag read."""
+    from pretrain.eval_checkpoint import run_state_dict
 
-    A ZeRO-0 checkpoint has no ZeRO partitions for DeepSpeed's zero_to_fp32 to merge: its weights
-    are read from the model-states file as they are.
-    """
-    tag = tag or checkpoint.latest_tag(run_dir)
-    folder = checkpoint.checkpoints_dir(run_dir) / (tag or "")
-    model_states = folder / "mp_rank_00_model_states.pt"
-    if tag and model_states.is_file() and not any(folder.glob("*optim_states.pt")):
-        state = torch.load(model_states, map_location="cpu", weights_only=True)["module"]
-        return {k: v.float() for k, v in state.items()}, tag
-    return checkpoint.consolidated_state_dict(run_dir, tag)
+    return run_state_dict(run_dir, checkpoint.step_of_tag(tag) if tag else None)
 
 
 def build_initial(config: PosttrainConfig, kind: type, seed_offset: int = 0) -> torch.nn.Module:

@@ -22,11 +22,11 @@ if __package__ in (None, ""):
 from lmforge.errors import LmforgeError, run_cli
 from posttrain.config import PosttrainConfig, load_posttrain_config
 from posttrain.formats import PROMPT_SHAPE, parse_prompt, split_records
-from posttrain.job import (Job, bf16_supported, launcher_world_size, parse_args, prepare_job, run_model_config,
-                           run_tokenizer_path, start_ranks)
+from posttrain.job import Job, parse_args, prepare_job, run_model_config, run_tokenizer_path, start_ranks
 from posttrain.template import render_prompt
 from pretrain import distributed
 from pretrain.config import TrainConfig, resolve_repo_path
+from pretrain.distributed import bf16_supported, launcher_world_size
 from pretrain.ds_config import build_deepspeed_config
 
 

@@ -76,7 +76,7 @@ def _zero0_module_state(folder: Path, model: ModelConfig) -> dict[str, torch.Ten
     if not path.is_file():
         raise LmforgeError(f"{path}: missing; the checkpoint is incomplete (retrain, or pick another --step)")
     try:
-        states = torch.load(path, map_location="cpu", weights_only=False)
+        states = torch.load(path, map_location="cpu", weights_only=True)
         module = states["module"]
     except Exception as err:  # a truncated or foreign file: pickle, zip and key errors alike
         raise LmforgeError(f"{path}: unreadable DeepSpeed model states ({type(err).__name__}: {err})") from None

@@ -12,7 +12,7 @@ import torch
 
 from lmforge.errors import run_cli
 from posttrain.job import starting_state
-from pretrain import evaluate, export_hf, generate
+from pretrain import checkpoint, evaluate, export_hf, generate
 from pretrain.dataset import PackedDataset
 from pretrain.eval_checkpoint import load_checked_model
 from tests.posttrain.runs import run_ok, tiny_model_sets, write_jsonl
@@ -95,12 +95,19 @@ def test_exported_posttrain_run_gives_lmforge_logits_greedy_tokens_and_ids_in_tr
     assert (Path(exported["jobs"][name]["dir"]) / "tokenizer.model").read_bytes() == tokenizer.model_bytes()
 
 
+def zero0_module(run_dir):
+    """The module of a ZeRO-0 checkpoint as DeepSpeed saved it (the critic has no config.yaml of its own)."""
+    tag = checkpoint.latest_tag(run_dir)
+    states = torch.load(checkpoint.checkpoints_dir(run_dir) / tag / "mp_rank_00_model_states.pt", weights_only=True)
+    return states["module"], tag
+
+
 def test_ppo_export_is_the_actor_not_the_critic_or_the_starting_policy(runs):
     from safetensors.torch import load_file
 
     exported = load_file(runs["root"] / "ppo-hf" / "model.safetensors")["model.embed_tokens.weight"]
     actor, tag = starting_state(runs["ppo"], None)
-    critic, critic_tag = starting_state(runs["ppo"] / "critic", None)
+    critic, critic_tag = zero0_module(runs["ppo"] / "critic")
     start, _ = starting_state(runs["sft"], None)
     assert tag == critic_tag == "step_00000002"
     assert torch.equal(exported, actor["embed.weight"])
