@@ -9,7 +9,6 @@ SIGUSR1 saves one at the next step boundary and exits 0 (docs/reliability.md).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -278,10 +277,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = run_cli(main)
-    # Everything is written and the process group destroyed; skip C++ static destructors, where a
-    # still-joinable thread of the CPU comm stack aborts ~1 run in 10 under load ("terminate called
-    # without an active exception", exit -6) although training finished.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    distributed.exit_process(run_cli(main))
