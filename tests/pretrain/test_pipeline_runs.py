@@ -1,108 +1,26 @@
-"""Real pipelined DeepSpeed runs on CPU ranks (gloo), compared with the plain engine on one rank.
-
-Run as a script (`torchrun ... tests/pretrain/test_pipeline_runs.py --config tiny --set ...`) this
-file is `pretrain.train.main` with the pipeline's two hooks in train.py (docs/pipeline.md, "Hooks
-in pretrain/train.py") applied where train.py does not have them yet: prepare() fills DeepSpeed's
-pipeline section for world / P data-parallel replicas, and metric lines get the bubble fraction.
-Everything else (Trainer, data, checkpoints, resume, metrics) is the real training loop.
+"""Real pipelined DeepSpeed runs on CPU ranks (gloo) through `python -m pretrain.train` / torchrun,
+compared with the plain engine on one rank. Everything (prepare's pipeline section, Trainer, data,
+checkpoints, resume, metrics with the bubble fraction) is the real training loop.
 """
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
-import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # run as a script by torchrun
-    sys.path.insert(0, str(REPO))
-
-from tests.pretrain.training_runs import _free_port, run_env, step_losses, tiny_overrides  # noqa: E402
+from tests.pretrain.training_runs import REPO, run_env, step_losses, tiny_overrides, training_command
 
 pytestmark = pytest.mark.slow
-ENTRY = Path(__file__).resolve()
-
-
-# ----------------------------------------------------------------------------- the entry point
-
-def _with_pipeline(prepare):
-    def prepare_pipelined(config, world_size):
-        from pretrain.config import resolve_repo_path
-        from pretrain.ds_config import build_deepspeed_config
-        from pretrain.pipeline import configure_pipeline, data_parallel_size, pipeline_stages_of
-        from pretrain.distributed import bf16_supported
-
-        run = prepare(config, world_size)
-        if pipeline_stages_of(run.ds_config) == config.parallel.pipeline_stages:
-            return run  # train.py has the hook
-        ds_path = resolve_repo_path(config.deepspeed.config)
-        ds_config = build_deepspeed_config(ds_path, config.train, data_parallel_size(config.parallel, world_size), bf16_supported())
-        return replace(run, ds_config=configure_pipeline(ds_config, config.parallel, run.config.model, world_size))
-
-    return prepare_pipelined
-
-
-def _with_pipeline_metrics(log_record):
-    def log_record_pipelined(self, *args, **kwargs):
-        from pretrain.pipeline import pipeline_metrics
-
-        record = log_record(self, *args, **kwargs)
-        return {**pipeline_metrics(self.ds_config), **record}
-
-    return log_record_pipelined
-
-
-def _with_pipeline_guard(step):
-    def step_pipelined(self, micro_batches, step_number, stop_requested):
-        from pretrain.engine import is_pipeline, pipeline_step
-        from pretrain.numerics import StepOutcome, _suppressed_optimizer_step
-
-        if not is_pipeline(self.engine):
-            return step(self, micro_batches, step_number, stop_requested)
-        agreed = {}
-
-        def at_boundary(loss_sum):
-            agreed["flags"] = self._agree(loss_sum, stop_requested)
-            suppress = agreed["flags"][1] and self.checks_gradients_itself
-            return _suppressed_optimizer_step(self.engine.optimizer) if suppress else None
-
-        loss = pipeline_step(self.engine, micro_batches, at_boundary)
-        loss_bad, grads_bad, stop = agreed["flags"]
-        applied = bool(self.engine.was_step_applied())
-        return StepOutcome(loss, applied, not applied and (loss_bad or grads_bad or not self.fp16), stop)
-
-    return step_pipelined
-
-
-def pipelined_main(argv) -> int:
-    import inspect
-
-    from pretrain import train
-
-    train.prepare = _with_pipeline(train.prepare)
-    train.Trainer._log_record = _with_pipeline_metrics(train.Trainer._log_record)
-    guarded = getattr(train, "GuardedStep", None)  # the reliability work's optimizer step, where it has landed
-    if guarded is not None and "pipeline" not in inspect.getsource(guarded.step):
-        guarded.step = _with_pipeline_guard(guarded.step)
-    return train.main(argv)
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def train_command(nproc: int) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, str(ENTRY)]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(_free_port()), str(ENTRY)]
-
-
 def run_pipeline_training(run_dir: Path, shards: Path, nproc: int, timeout: int = 600, **sets) -> subprocess.CompletedProcess:
-    cmd = train_command(nproc) + ["--config", "tiny"] + tiny_overrides(run_dir, shards, **sets)
+    cmd = training_command(nproc) + ["--config", "tiny"] + tiny_overrides(run_dir, shards, **sets)
     return subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -151,30 +69,6 @@ def runs(tiny_corpus_shards, tmp_path_factory) -> Runs:
     return Runs(tmp_path_factory.mktemp("pipeline_runs"), tiny_corpus_shards.shard_dir)
 
 
-@pytest.fixture
-def pipelined_weights(monkeypatch):
-    """Reads pipelined checkpoints in eval_checkpoint.run_state_dict until that file has the hook itself
-    (docs/pipeline.md, "Hooks"); with the hook in place this fixture does nothing."""
-    import inspect
-
-    from pretrain import checkpoint, eval_checkpoint, export_hf
-    from pretrain.pipeline_checkpoint import is_pipeline_checkpoint, pipeline_state_dict_to_model
-
-    if "is_pipeline_checkpoint" in inspect.getsource(eval_checkpoint.run_state_dict):
-        return
-    original = eval_checkpoint.run_state_dict
-
-    def run_state_dict(run_dir, step=None):
-        tag = eval_checkpoint._resolve_tag(Path(run_dir), step)
-        folder = checkpoint.checkpoints_dir(run_dir) / tag
-        if is_pipeline_checkpoint(folder):
-            return pipeline_state_dict_to_model(folder), tag
-        return original(run_dir, step)
-
-    monkeypatch.setattr(eval_checkpoint, "run_state_dict", run_state_dict)
-    monkeypatch.setattr(export_hf, "run_state_dict", run_state_dict)
-
-
 # ----------------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -214,7 +108,7 @@ def test_resume_from_a_pipelined_checkpoint_repeats_the_same_losses(runs, tmp_pa
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_pipelined_checkpoint_loads_as_the_plain_models_weights_and_logits(arch, runs, pipelined_weights):
+def test_pipelined_checkpoint_loads_as_the_plain_models_weights_and_logits(arch, runs):
     from pretrain.eval_checkpoint import load_checked_model
 
     plain_model, _, _ = load_checked_model(runs.plain(arch))
@@ -228,7 +122,7 @@ def test_pipelined_checkpoint_loads_as_the_plain_models_weights_and_logits(arch,
         assert torch.allclose(piped_model(tokens), plain_model(tokens), atol=1e-4)
 
 
-def test_export_hf_of_a_pipelined_checkpoint_gives_its_logits(runs, pipelined_weights, tmp_path):
+def test_export_hf_of_a_pipelined_checkpoint_gives_its_logits(runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from pretrain.eval_checkpoint import load_checked_model
@@ -252,8 +146,3 @@ def test_stages_that_do_not_divide_the_ranks_are_one_line_error_before_any_proce
     assert "Traceback" not in result.stderr and "topology" not in result.stdout  # no engine, no group
     assert not (tmp_path / "run" / "checkpoints").exists()
 
-
-if __name__ == "__main__":
-    from lmforge.errors import run_cli
-
-    sys.exit(run_cli(pipelined_main))
