@@ -1,16 +1,22 @@
-"""Training throughput on one GPU: a raw-PyTorch baseline against lmforge's DeepSpeed path.
+"""Training throughput on one GPU: raw PyTorch against lmforge's real training loop and its engine.
 
-    python bench/train_throughput.py --preset gpt2-124m --batch 16 --seq-len 1024 \
-        --variants baseline,zero0,zero1,zero2,zero3 --json results.json
+    python bench/train_throughput.py --preset gpt2-124m --batch 16 --seq-len 1024 --data data/stdlib \
+        --variants raw,loop:zero0,loop:zero1,loop:zero2,loop:zero3,baseline,zero1 --json results.json
 
-Every variant trains the same model (same preset, weights seed, batch and sequence length) on
-random tokens, in this one process, one after another. Timing uses CUDA events over --steps
+Every variant trains the same model (same preset, weights seed, batch and sequence length), in this
+one process, one after another. `raw` and `loop:*` read the shards of --data; the others random
+tokens. The table's ratio column is to the first `raw` row (else the first `baseline` row). Timing uses CUDA events over --steps
 steps after --warmup steps (compilation happens during warm-up). Prints one table: tokens/s,
 MFU (flops per token from pretrain.model over 989 TFLOP/s dense bf16), peak memory, and the
 ratio to the baseline. `--dry-run` runs the tiny preset for two steps on whatever device there is
 (CI uses it so this script cannot rot).
 
-Variant names: `baseline` (what raw PyTorch gives: the same architecture with the tokenizer's
+Variant names: `raw` (a plain PyTorch training script on the same shards: random windows of a
+numpy memmap copied through pinned memory, torch.compile + autocast bf16 + fused torch AdamW +
+clipping, the loss read every 10 steps: what users compare lmforge with), `loop:NAME` (lmforge's
+`pretrain.train.Trainer.run` with ds_configs/NAME.json: the loop `lmforge train` runs, with its
+batch prefetcher, step guard, logging and metrics; tokens/s is the median of its logged intervals
+after the warm-up), `baseline` (what raw PyTorch gives: the same architecture with the tokenizer's
 vocabulary size, torch.compile + autocast bf16 + fused torch AdamW, a plain loop; `baseline:padded`
 pads the vocabulary to a multiple of 128 as lmforge does), and
 `zeroN[:option+option]` for lmforge's path through pretrain.engine with ds_configs/zeroN.json,
@@ -62,16 +68,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation)")
-    parser.add_argument("--variants", default="baseline,zero0,zero1,zero2,zero3")
+    parser.add_argument("--variants", default="raw,loop:zero0,loop:zero1,loop:zero2,loop:zero3,baseline")
+    parser.add_argument("--data", type=Path, default=Path("data/stdlib"), help="shard directory for raw and loop:* variants")
     parser.add_argument("--json", type=Path, default=None, help="also write the table here")
     parser.add_argument("--dry-run", action="store_true", help="tiny preset, 2 steps, any device")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops per variant")
     return parser.parse_args(argv)
 
 
-def model_config(preset: str, seq_len: int) -> ModelConfig:
+def model_config(preset: str, seq_len: int, data: Path | None = None) -> ModelConfig:
+    """The preset's model with the vocabulary of --data's tokenizer (a real-data run), else GPT-2's/Llama's."""
     config = load_pretrain_config(preset).model
-    return config.with_vocab(VOCAB[config.arch]) if config.vocab_size is None else config
+    if config.vocab_size is not None:
+        return config
+    if data is not None and (data / "manifest.json").is_file():
+        return config.with_vocab(int(json.loads((data / "manifest.json").read_text())["tokenizer"]["vocab_size"]))
+    return config.with_vocab(VOCAB[config.arch])
+
+
+def uses_data(variants: list[str]) -> bool:
+    return any(v == "raw" or v.startswith("loop:") for v in variants)
 
 
 def random_batches(vocab: int, batch: int, seq_len: int, device, count: int = 4):
@@ -168,12 +184,83 @@ def run_lmforge(config: ModelConfig, stage: int, options: set[str], args, device
     return step, (engine, model)
 
 
+def memmap_windows(shard_dir: Path, vocab_size: int):
+    """The train shards of a manifest as one numpy memmap each (the raw script's data)."""
+    import numpy as np
+
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    dtype = np.uint16 if vocab_size < 2**16 else np.int32
+    return [np.memmap(shard_dir / f"{s['path']}.bin", dtype=dtype, mode="r") for s in manifest["shards"] if s["split"] == "train"]
+
+
+def measure_raw(config: ModelConfig, args, device, compile_model: bool) -> float:
+    """Seconds per step of a plain PyTorch script on the shards, timed like the loop (host clock
+    between loss reads, median over intervals of 10 steps after the warm-up)."""
+    import numpy as np
+
+    step, _ = run_baseline(replace(config, pad_vocab_to_multiple=1), {"padded"}, args, device, compile_model)
+    shards = memmap_windows(args.data, config.vocab_size)
+    rng = np.random.default_rng(0)
+
+    def batch():
+        shard = shards[rng.integers(len(shards))]
+        starts = rng.integers(0, len(shard) - args.seq_len - 1, args.batch)
+        rows = torch.from_numpy(np.stack([shard[i:i + args.seq_len + 1] for i in starts]).astype(np.int64))
+        if device.type == "cuda":
+            rows = rows.pin_memory().to(device, non_blocking=True)
+        return rows[:, :-1], rows[:, 1:]
+
+    interval, times, clock = (10 if not args.dry_run else 1), [], None
+    for i in range(args.warmup + args.steps):
+        loss = step(batch())
+        if (i + 1) % interval == 0 or i + 1 == args.warmup:
+            float(loss)  # what a training script logs
+            now = time.perf_counter()
+            if clock is not None and i + 1 > args.warmup:
+                times.append((now - clock) / interval)
+            clock = now if i + 1 >= args.warmup else None
+    return sorted(times)[len(times) // 2] if times else float("nan")
+
+
+def measure_loop(config: ModelConfig, json_name: str, args, device, compile_model: bool) -> float:
+    """Seconds per step of lmforge's Trainer.run on the shards: median logged interval after the warm-up."""
+    import tempfile
+
+    from pretrain.distributed import init_distributed as _init
+    from pretrain.train import Trainer, prepare
+
+    interval = 10 if not args.dry_run else 1
+    warmup = max(interval, -(-args.warmup // interval) * interval)
+    with tempfile.TemporaryDirectory() as run_dir:
+        sets = [f"run.dir={run_dir}", f"data.path=[{args.data}]", f"deepspeed.config=ds_configs/{json_name}.json",
+                f"train.micro_batch_size={args.batch}", f"train.seq_len={args.seq_len}", "train.grad_accum_steps=1",
+                f"train.max_steps={warmup + max(args.steps, 2 * interval)}", f"train.warmup_steps={min(10, warmup)}", "train.eval_interval=0",
+                "train.save_interval=0", f"train.compile={str(compile_model).lower()}", f"run.log_interval={interval}",
+                "run.progress_bar=false", "run.tensorboard=false", f"model.max_seq_len={max(args.seq_len, config.max_seq_len)}"]
+        cfg = load_pretrain_config(args.preset, sets)
+        trainer = Trainer(prepare(cfg, 1, verify_checksums=False), _init())
+        trainer.save = lambda: None  # the benchmark times training steps, not checkpoint writes
+        trainer.run()
+        lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        del trainer
+    rates = sorted(r["tokens_per_second"] for r in lines if "tokens_per_second" in r and r["step"] > warmup)
+    return args.batch * args.seq_len / rates[len(rates) // 2]
+
+
 def measure(variant: str, config: ModelConfig, args, device, compile_model: bool) -> Result:
     name, _, opts = variant.partition(":")
     options = set(filter(None, opts.split("+")))
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    if name in ("raw", "loop"):
+        seconds = measure_raw(config, args, device, compile_model) if name == "raw" else \
+            measure_loop(config, opts, args, device, compile_model)
+        tokens_per_second = args.batch * args.seq_len / seconds
+        peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0
+        gc.collect()
+        return Result(variant, tokens_per_second, tokens_per_second * flops_per_token(config, args.seq_len) / H100_PEAK_BF16,
+                      seconds * 1000, peak)
     if name == "baseline":
         step, keep = run_baseline(config, options, args, device, compile_model)
     elif name.startswith("zero"):
@@ -212,9 +299,9 @@ def print_profile(variant: str, step, batches, device) -> None:
     print(f"--- host syncs in 5 steps: {syncs}")
 
 
-def print_table(results: list[Result], header: str) -> None:
+def print_table(results: list[Result], header: str, reference: str = "baseline") -> None:
     print(header)
-    print(f"{'variant':<22} {'tok/s':>10} {'MFU':>6} {'step ms':>8} {'peak GB':>8} {'× baseline':>10}  note")
+    print(f"{'variant':<22} {'tok/s':>10} {'MFU':>6} {'step ms':>8} {'peak GB':>8} {'× ' + reference:>10}  note")
     for r in results:
         ratio = f"{r.ratio_to_baseline:.3f}" if r.ratio_to_baseline is not None else "-"
         print(f"{r.variant:<22} {r.tokens_per_second:>10.0f} {r.mfu:>6.1%} {r.step_ms:>8.1f} {r.peak_memory_gb:>8.2f} {ratio:>10}  {r.note}")
@@ -224,12 +311,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
         args.preset, args.batch, args.seq_len, args.steps, args.warmup = "tiny", 2, 32, 2, 1
+    variants = args.variants.split(",")
+    if uses_data(variants) and not (args.data / "manifest.json").is_file():
+        raise SystemExit(f"error: --data {args.data}: no manifest.json (make shards with `lmforge prep shards`)")
     info = init_distributed()
     device = info.device
     compile_model = device.type == "cuda" and not args.dry_run
-    config = model_config(args.preset, args.seq_len)
+    config = model_config(args.preset, args.seq_len, args.data if uses_data(variants) else None)
     results: list[Result] = []
-    for variant in args.variants.split(","):
+    for variant in variants:
         try:
             results.append(measure(variant, config, args, device, compile_model))
         except torch.cuda.OutOfMemoryError:
@@ -237,7 +327,8 @@ def main(argv=None) -> int:
             gc.collect()
             torch.cuda.empty_cache()
         print(f"measured {variant}: {results[-1].tokens_per_second:.0f} tok/s", flush=True)
-    base = next((r.tokens_per_second for r in results if r.variant == "baseline" and r.tokens_per_second), None)
+    reference = "raw" if any(r.variant == "raw" for r in results) else "baseline"
+    base = next((r.tokens_per_second for r in results if r.variant == reference and r.tokens_per_second), None)
     for r in results:
         r.ratio_to_baseline = r.tokens_per_second / base if base else None
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -245,7 +336,7 @@ def main(argv=None) -> int:
         params = Transformer(config).num_params()
     header = (f"{args.preset}: batch {args.batch} × seq {args.seq_len}, {gpu}, torch {torch.__version__}, "
               f"{params / 1e6:.1f}M params")
-    print_table(results, header)
+    print_table(results, header, reference)
     if args.json:
         args.json.write_text(json.dumps({"header": header, "results": [asdict(r) for r in results]}, indent=2))
     from pretrain.distributed import shutdown

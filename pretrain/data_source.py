@@ -8,6 +8,8 @@ whatever the number of ranks or the accumulation split, and a resumed run contin
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +73,52 @@ class TrainingData:
     def valid_batch(self, index: int, train: TrainConfig) -> torch.Tensor:
         mb = train.micro_batch_size
         return self._batch(self.valid, index * self.world_size * mb + self.rank * mb, mb)
+
+
+class BatchPrefetcher:
+    """This rank's training batches, built ahead in a background thread in step order.
+
+    The main thread only takes the next one: building (memmap reads, stacking) and, on a GPU,
+    copying into pinned memory happen meanwhile, so the host-to-device copy can be non-blocking.
+    The order is the same function of (step, micro-batch) as `TrainingData.train_batch`; an error
+    in the thread is raised by `next`.
+    """
+
+    def __init__(self, data: TrainingData, train: TrainConfig, first_step: int, pin_memory: bool, depth: int = 3):
+        self.data, self.train, self.pin_memory = data, train, pin_memory
+        self._queue: queue.Queue = queue.Queue(maxsize=max(2, depth * train.grad_accum_steps))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(first_step,), name="lmforge-batches", daemon=True)
+        self._thread.start()
+
+    def _fill(self, step: int) -> None:
+        try:
+            while not self._stop.is_set():
+                for micro in range(self.train.grad_accum_steps):
+                    batch = self.data.train_batch(step, micro, self.train)
+                    if self.pin_memory:
+                        batch = batch.pin_memory()
+                    self._put(((step, micro), batch))
+                step += 1
+        except BaseException as err:  # handed to the main thread
+            self._put(((None, None), err))
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self, step: int, micro: int) -> torch.Tensor:
+        """The batch of micro-batch `micro` of optimizer step `step` (the next one in order)."""
+        where, batch = self._queue.get()
+        if isinstance(batch, BaseException):
+            raise batch
+        assert where == (step, micro), f"prefetched {where}, asked for {(step, micro)}"
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -116,6 +116,16 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks (a copy), queued on the device: nothing here waits for it."""
+    import torch.distributed as dist
+
+    out = value.detach().clone()
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     import torch.distributed as dist
 
@@ -151,6 +161,14 @@ def launcher_world_size() -> int:
         if os.environ.get(key):
             return int(os.environ[key])
     return 1
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher set it, before any process group exists; 0 when started plainly."""
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(key):
+            return int(os.environ[key])
+    return 0
 
 
 def bf16_supported() -> bool:

@@ -149,3 +149,20 @@ def activation_checkpoint_every(ds_config: dict[str, Any], n_layers: int) -> int
     if not count:
         return 1
     return max(1, -(-n_layers // int(count)))
+
+
+def guards_on_device(ds_config: dict[str, Any]) -> bool:
+    """True when pretrain.numerics guards a step on the device, with no host synchronisation:
+    torch's fused Adam/AdamW (`"torch_adam": true, "fused": true`), bf16 autocast or fp32 (no loss
+    scaler), no offload, no pipeline, and at ZeRO-0 no DeepSpeed bf16 optimizer wrapper."""
+    optimizer = ds_config.get("optimizer") or {}
+    params = optimizer.get("params") or {}
+    if str(optimizer.get("type", "")).lower() not in ("adam", "adamw") or not (params.get("torch_adam") and params.get("fused")):
+        return False
+    zero = ds_config.get("zero_optimization") or {}
+    offloaded = any((zero.get(key) or {}).get("device", "none") not in ("none", None) for key in ("offload_optimizer", "offload_param"))
+    precision = precision_of(ds_config)
+    loss_scaled = precision == "fp16" or (precision.startswith("autocast-") and precision != "autocast-bf16")
+    pipelined = int((ds_config.get("pipeline") or {}).get("stages", 1) or 1) > 1
+    bf16_wrapper = precision == "bf16" and zero_stage_of(ds_config) == 0
+    return not (offloaded or loss_scaled or pipelined or bf16_wrapper)

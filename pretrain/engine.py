@@ -14,7 +14,7 @@ import deepspeed
 import torch
 import torch.utils.checkpoint
 
-from pretrain.ds_config import activation_checkpoint_every
+from pretrain.ds_config import activation_checkpoint_every, guards_on_device, zero_stage_of
 from pretrain.model import Transformer
 from pretrain.pipeline import build_pipeline_module, pipeline_stages_of
 
@@ -56,7 +56,8 @@ def configure_activation_checkpointing(model: Transformer, ds_config: dict[str, 
     model.checkpoint_every = every
 
 
-def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool):
+def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool,
+                 guard_clips: bool = False):
     """Returns the DeepSpeed engine (optimizer and WarmupCosineLR scheduler from the JSON).
 
     The model is compiled in place before DeepSpeed wraps it: measured faster than
@@ -65,9 +66,16 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     ds_configs/zero3_deepcompile.json) is compiled by the engine instead, as DeepCompile requires:
     4.2x faster than the hooks path for ZeRO-3 on one H200.
     A pipelined config builds this rank's stage only (other stages' weights are released).
+    `guard_clips`: the caller steps through pretrain.numerics.GuardedStep, which at ZeRO-0 with the
+    device guard (pretrain.ds_config.guards_on_device) clips to the JSON's gradient_clipping itself,
+    so DeepSpeed's clipping is off.
     """
     if pipeline_stages_of(ds_config) > 1:
         return _build_pipeline_engine(model, ds_config, weight_decay, compile_model)
+    if guard_clips and guards_on_device(ds_config) and zero_stage_of(ds_config) == 0:
+        # DeepSpeed's ZeRO-0 clipping reads two scalars back from the GPU every step; with the
+        # device guard, pretrain.numerics clips (to the same gradient_clipping) without waiting.
+        ds_config = {**ds_config, "gradient_clipping": 0.0}
     configure_activation_checkpointing(model, ds_config)
     deepcompile = bool(ds_config.get("compile", {}).get("deepcompile"))
     if compile_model and not deepcompile:

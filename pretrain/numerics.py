@@ -1,29 +1,35 @@
 """One optimizer step that never applies a non-finite loss or gradient, and the limit on such steps.
 
-At the gradient-accumulation boundary, after the last backward and before DeepSpeed's step, the
-ranks all-reduce three flags in one collective: a non-finite loss on any rank, non-finite
-gradients (checked here only where DeepSpeed does not check them itself), and a pending
-preemption signal (pretrain.preemption). Then:
+Two ways to guard a step, chosen once per engine (`pretrain.ds_config.guards_on_device`):
 
-- DeepSpeed's ZeRO 1-3, bf16 and fp16 optimizers already skip a step whose gradient norm is
-  inf/NaN (`overflow`): weights, optimizer state and LR schedule stay as they were and
-  `engine.skipped_steps` counts it. We only make sure their check is on
-  (`check_grad_overflow`, off by default for bf16 ZeRO 1-2).
-- A plain torch optimizer (ZeRO-0 in fp32 or torch autocast) has no such check: we inspect the
-  gradients (already all-reduced at the boundary) and, when one is non-finite, run DeepSpeed's
-  step with the optimizer's own `step` replaced by a no-op and `overflow` set, so DeepSpeed's
-  bookkeeping (micro/global steps, skipped_steps, no LR step, zeroed grads) is its usual one.
+- **On the device** (the default path: torch's fused AdamW from the JSON's
+  `"torch_adam": true, "fused": true`, bf16 autocast or fp32, ZeRO 0-3 without offload, no
+  pipeline). Nothing waits for the GPU. At the accumulation boundary the ranks all-reduce, as one
+  device collective, a flag for a non-finite loss and the preemption flag; the gradient norm
+  (lmforge's own clipping at ZeRO-0, DeepSpeed's at ZeRO 1-3, already global) gives the gradient
+  flag. Their OR goes to the fused optimizer as `found_inf`: torch's fused Adam then leaves the
+  weights, moments and step count untouched, on the device. The host reads the flags one step later
+  (a non-blocking copy and a CUDA event): then a skipped step is counted (`engine.skipped_steps`),
+  the LR schedule is stepped back before the next update (so it did not advance, as before) and
+  `train.max_bad_steps` is applied. DeepSpeed's own host-side check of the norm
+  (`is_invalid_grad_norm`, a host synchronisation every step) is switched off for these steps only.
+- **On the host** (fp16 loss scaling, pipelines, offload, DeepSpeed's bf16 ZeRO-0 optimizer or any
+  other optimizer): the flags are read right away, one synchronisation per step. DeepSpeed's ZeRO
+  and bf16/fp16 optimizers skip a step whose norm is inf/NaN themselves (`check_grad_overflow` on);
+  for a plain torch optimizer we inspect the gradients and run DeepSpeed's step with the optimizer's
+  `step` replaced by a no-op and `overflow` set.
 
 A skipped step still consumes its batch: the data order stays a function of the step. With a loss
-scaler (DeepSpeed's fp16, or torch's GradScaler under fp16 autocast with ZeRO-0), overflow skips
-are normal: counted in skipped_steps, but only a non-finite loss counts towards
-`train.max_bad_steps`.
+scaler, overflow skips are normal: counted in skipped_steps, but only a non-finite loss counts
+towards `train.max_bad_steps`. `settle()` reads every pending step; the loop calls it wherever it
+logs, evaluates or saves, so checkpoints and metrics never see an unread step and a resumed run
+repeats the uninterrupted one exactly.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -43,6 +49,22 @@ class StepOutcome:
     """Some rank received a preemption signal: checkpoint and stop after this step."""
 
 
+@dataclass
+class PendingStep:
+    """A step whose flags may still be on their way to the host."""
+
+    step_number: int
+    loss: torch.Tensor
+    skipped: torch.Tensor
+    """Device bool: the update was not applied (for loss averages without reading the flags)."""
+    flags: torch.Tensor
+    """(loss non-finite on some rank, gradients non-finite, stop requested on some rank): host copy."""
+    ready: Any = None
+    """CUDA event after the copy of `flags`, or None when they are already on the host."""
+    outcome: StepOutcome | None = None
+    """Known at once on the host path."""
+
+
 @contextmanager
 def _suppressed_optimizer_step(optimizer) -> Iterator[None]:
     """DeepSpeed's engine.step() runs as on an fp16 overflow: no update, counted as skipped."""
@@ -55,6 +77,27 @@ def _suppressed_optimizer_step(optimizer) -> Iterator[None]:
         del optimizer.overflow
 
 
+@contextmanager
+def _deepspeed_host_norm_check_off() -> Iterator[None]:
+    """DeepSpeed's ZeRO optimizers read `bool(~isfinite(norm))` on the host in every step; with the
+    device guard the fused optimizer's `found_inf` makes that decision, so the read is skipped."""
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    modules = [m for m in (stage_1_and_2, stage3) if hasattr(m, "is_invalid_grad_norm")]
+    originals = [m.is_invalid_grad_norm for m in modules]
+
+    def never_on_host(norm) -> bool:
+        return False if torch.is_tensor(norm) else originals[0](norm)
+
+    for module in modules:
+        module.is_invalid_grad_norm = never_on_host
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, originals):
+            module.is_invalid_grad_norm = original
+
+
 def _gradients_finite(module: torch.nn.Module) -> torch.Tensor:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
@@ -65,15 +108,101 @@ def _gradients_finite(module: torch.nn.Module) -> torch.Tensor:
 class GuardedStep:
     """Runs optimizer steps on a DeepSpeed engine; raises LmforgeError after too many bad ones in a row."""
 
-    def __init__(self, engine, max_bad_steps: int, fp16: bool):
-        """`fp16`: a dynamic loss scaler is at work (its overflow skips are not bad steps)."""
+    def __init__(self, engine, max_bad_steps: int, fp16: bool, on_device: bool = False, grad_clip: float = 0.0):
+        """`fp16`: a dynamic loss scaler is at work (its overflow skips are not bad steps).
+        `on_device`: guard through the fused optimizer's found_inf (see the module docstring);
+        `grad_clip`: the clipping lmforge applies itself at ZeRO-0 on that path (DeepSpeed's is off)."""
         self.engine, self.max_bad_steps, self.fp16 = engine, max_bad_steps, fp16
+        self.on_device = on_device and not fp16
+        self.grad_clip = grad_clip
         optimizer = engine.optimizer
-        if hasattr(optimizer, "check_grad_overflow"):
-            optimizer.check_grad_overflow = True
         self.checks_gradients_itself = not hasattr(optimizer, "overflow")
+        if self.on_device:
+            self._basic = engine.basic_optimizer
+            self._zero = optimizer is not self._basic  # a ZeRO optimizer wraps the fused torch one
+            if self._zero:
+                optimizer.check_grad_overflow = False
+                self._wrap_basic_step()
+        elif hasattr(optimizer, "check_grad_overflow"):
+            optimizer.check_grad_overflow = True
         self.consecutive_bad = 0
         self.first_bad_step: int | None = None
+        self.last_grad_norm: torch.Tensor | None = None
+        self._pending: list[PendingStep] = []
+        self._loss_bad: torch.Tensor | None = None
+        self._grad_bad: torch.Tensor | None = None
+
+    # -- the device path -------------------------------------------------------------------------
+
+    def _wrap_basic_step(self) -> None:
+        """Before each ZeRO sub-group update: found_inf = a loss flag or a non-finite global norm."""
+        basic, zero, original = self._basic, self.engine.optimizer, self._basic.step
+
+        def step_unless_bad(*args, **kwargs):
+            norm = zero._global_grad_norm
+            if torch.is_tensor(norm) and self._grad_bad is None:
+                self._grad_bad = ~torch.isfinite(norm.reshape(()))
+                self.last_grad_norm = norm.reshape(())
+            bad = self._loss_bad if self._grad_bad is None else self._loss_bad | self._grad_bad
+            basic.found_inf = bad.float()
+            return original(*args, **kwargs)
+
+        basic.step = step_unless_bad
+
+    def _clip_zero0(self) -> torch.Tensor:
+        """lmforge's clipping at ZeRO-0 (DeepSpeed's reads a scalar back from the GPU): the global norm."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    def _device_step(self, micro_batches, step_number: int, stop_requested: bool) -> PendingStep:
+        engine, rank = self.engine, distributed.rank()
+        total, count, device = None, 0, None
+        self._loss_bad = self._grad_bad = None
+        shared = torch.zeros(2)
+        for inputs, targets in micro_batches:
+            loss = faults.corrupt_loss(engine(inputs, targets), step_number, rank)
+            engine.backward(loss)
+            total = loss.detach().float() if total is None else total + loss.detach().float()
+            count += 1
+            device = total.device
+            if engine.is_gradient_accumulation_boundary():
+                shared = torch.stack([(~torch.isfinite(total)).float(), _host_flag(stop_requested, device)])
+                if distributed.world_size() > 1:
+                    shared = distributed.all_reduce_sum(shared)
+                self._loss_bad = shared[0] > 0
+                if not self._zero:
+                    self.last_grad_norm = self._clip_zero0()
+                    self._grad_bad = ~torch.isfinite(self.last_grad_norm)
+                    self._basic.found_inf = (self._loss_bad | self._grad_bad).float()
+                with _deepspeed_host_norm_check_off() if self._zero else nullcontext():
+                    engine.step()
+                continue
+            engine.step()
+        grad_bad = self._grad_bad if self._grad_bad is not None else torch.zeros((), dtype=torch.bool, device=device)
+        skipped = self._loss_bad | grad_bad
+        flags = torch.stack([shared[0], grad_bad.float(), shared[1]])
+        if flags.device.type == "cuda":
+            host = torch.empty(3, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return PendingStep(step_number, total / count, skipped, host, ready)
+        return PendingStep(step_number, total / count, skipped, flags)
+
+    def _resolve(self, pending: PendingStep) -> StepOutcome:
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        loss_bad, grad_bad, stop = (float(v) > 0 for v in pending.flags.tolist())
+        skipped = loss_bad or grad_bad
+        if skipped and self.on_device:
+            self.engine.skipped_steps += 1
+            scheduler = self.engine.lr_scheduler
+            if scheduler is not None:  # the schedule did not advance on a skipped step
+                scheduler.step(scheduler.last_batch_iteration - 1)
+        return StepOutcome(pending.loss, not skipped, skipped and (loss_bad or not self.fp16), stop)
+
+    # -- the host path ---------------------------------------------------------------------------
 
     def _agree(self, loss_sum: torch.Tensor, stop_requested: bool) -> tuple[bool, bool, bool]:
         """(loss non-finite on some rank, gradients non-finite, some rank asks to stop)."""
@@ -87,9 +216,7 @@ class GuardedStep:
         summed = distributed.all_reduce_mean(torch.stack(flags).float()).tolist()  # one host sync per step
         return summed[0] > 0, summed[1] > 0, summed[2] > 0
 
-    def step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], step_number: int,
-             stop_requested: bool) -> StepOutcome:
-        """Forward/backward over the micro-batches of optimizer step `step_number`, then DeepSpeed's step."""
+    def _host_step(self, micro_batches, step_number: int, stop_requested: bool) -> StepOutcome:
         from pretrain.engine import is_pipeline
 
         if is_pipeline(self.engine):
@@ -129,6 +256,28 @@ class GuardedStep:
         applied = bool(self.engine.was_step_applied())
         return StepOutcome(loss, applied, not applied and (loss_bad or not self.fp16), stop)
 
+    # -- what the loop calls ---------------------------------------------------------------------
+
+    def step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], step_number: int,
+             stop_requested: bool) -> PendingStep:
+        """Forward/backward over the micro-batches of optimizer step `step_number`, then DeepSpeed's
+        step. Its loss and skip flag are device tensors; the outcome comes from `settle`."""
+        if self.on_device:
+            pending = self._device_step(micro_batches, step_number, stop_requested)
+        else:
+            outcome = self._host_step(micro_batches, step_number, stop_requested)
+            skipped = torch.full((), not outcome.applied, dtype=torch.bool, device=outcome.loss.device)
+            pending = PendingStep(step_number, outcome.loss, skipped, torch.zeros(3), outcome=outcome)
+        self._pending.append(pending)
+        return pending
+
+    def settle(self, keep_last: bool = False) -> list[tuple[int, StepOutcome]]:
+        """Reads the flags of every pending step (all but the newest with `keep_last`), oldest first:
+        counts skips and rewinds the schedule. Returns (step number, outcome) pairs."""
+        ready = self._pending[:-1] if keep_last else self._pending
+        self._pending = self._pending[len(ready):]
+        return [(p.step_number, p.outcome or self._resolve(p)) for p in ready]
+
     def check(self, outcome: StepOutcome, step_number: int, resume_hint: Callable[[], str]) -> None:
         """Counts consecutive bad steps; the max_bad_steps-th in a row stops training (LmforgeError)."""
         if not outcome.bad:
@@ -142,3 +291,9 @@ class GuardedStep:
                 f"non-finite loss or gradient and were skipped (train.max_bad_steps = {self.max_bad_steps}); "
                 f"the weights are still those of step {self.first_bad_step - 1}; {resume_hint()}"
             )
+
+
+def _host_flag(value: bool, device: torch.device) -> torch.Tensor:
+    """A 0/1 float on `device` filled by a kernel: torch.tensor(value, device=cuda) would be a
+    pageable host-to-GPU copy, which waits for the GPU."""
+    return torch.full((), float(value), device=device)

@@ -24,12 +24,12 @@ from lmforge.config import save_config
 from lmforge.errors import LmforgeError, run_cli
 from pretrain import checkpoint, distributed, faults, resume, run_checks
 from pretrain.config import PretrainConfig, load_pretrain_config, resolve_repo_path
-from pretrain.data_source import TrainingData, check_data
+from pretrain.data_source import BatchPrefetcher, TrainingData, check_data
 from pretrain.distributed import bf16_supported, launcher_world_size
-from pretrain.ds_config import build_deepspeed_config, precision_of, zero_stage_of
+from pretrain.ds_config import build_deepspeed_config, guards_on_device, precision_of, zero_stage_of
 from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation
 from pretrain.model import Transformer
-from pretrain.numerics import GuardedStep, StepOutcome
+from pretrain.numerics import GuardedStep, PendingStep
 from pretrain.pipeline import configure_pipeline, data_parallel_size, pipeline_metrics
 from pretrain.preemption import PreemptionSignals
 
@@ -90,13 +90,16 @@ class Trainer:
             ds_config = with_universal_loading(ds_config)
         torch.manual_seed(train.seed)
         self.model = Transformer(self.config.model)
-        self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile)
+        on_device = guards_on_device(ds_config)
+        self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile, guard_clips=on_device)
         dp_rank, dp_size = data_parallel_position(self.engine)
         self.data = TrainingData(self.config.data, train.seq_len, train.seed, dp_rank, dp_size)
         self.global_batch = train.micro_batch_size * train.grad_accum_steps * dp_size
         self.tokens_per_step = self.global_batch * train.seq_len
         self.flops_per_token = self.model.flops_per_token(train.seq_len)
-        self.guarded = GuardedStep(self.engine, train.max_bad_steps, _loss_scale(self.engine) is not None)
+        self.guarded = GuardedStep(self.engine, train.max_bad_steps, _loss_scale(self.engine) is not None,
+                                   on_device=on_device, grad_clip=train.grad_clip)
+        self.batches: BatchPrefetcher | None = None
         self.step = 0
         self.saved_step: int | None = None
 
@@ -116,16 +119,20 @@ class Trainer:
 
     def _to_device(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.info.device.type == "cuda":
-            batch = batch.pin_memory().to(self.info.device, non_blocking=True)
+            batch = (batch if batch.is_pinned() else batch.pin_memory()).to(self.info.device, non_blocking=True)
         return batch[:, :-1], batch[:, 1:]
 
-    def train_step(self, stop_requested: bool = False) -> StepOutcome:
-        """One optimizer step over grad_accum_steps micro-batches, skipped if a loss or gradient is not finite."""
+    def train_step(self, stop_requested: bool = False) -> PendingStep:
+        """Queues one optimizer step over grad_accum_steps micro-batches (skipped on the device if a
+        loss or gradient is not finite); `self.guarded.settle()` gives its outcome."""
         train = self.config.train
-        batches = (self._to_device(self.data.train_batch(self.step, m, train)) for m in range(train.grad_accum_steps))
-        outcome = self.guarded.step(batches, self.step + 1, stop_requested)
+        if self.batches is None:
+            self.batches = BatchPrefetcher(self.data, train, self.step, pin_memory=self.info.device.type == "cuda")
+        step = self.step
+        micro_batches = (self._to_device(self.batches.next(step, m)) for m in range(train.grad_accum_steps))
+        pending = self.guarded.step(micro_batches, step + 1, stop_requested)
         self.step += 1
-        return outcome
+        return pending
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -167,41 +174,55 @@ class Trainer:
 
             bar = tqdm(total=train.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         last: dict[str, Any] = {}
-        interval_loss, interval_steps, clock = torch.zeros((), device=self.info.device), 0, time.perf_counter()
-        applied_steps = 0
+        device = self.info.device
+        interval_loss, interval_applied = torch.zeros((), device=device), torch.zeros((), device=device)
+        interval_steps, clock, stop = 0, time.perf_counter(), False
         try:
             while self.step < train.max_steps:
-                outcome = self.train_step(signals is not None and signals.requested)
+                pending = self.train_step(signals is not None and signals.requested)
                 interval_steps += 1
-                if outcome.applied:
-                    interval_loss += outcome.loss
-                    applied_steps += 1
+                # Accumulated on the device: nothing in a step waits for the GPU.
+                interval_loss += torch.where(pending.skipped, 0.0, pending.loss)
+                interval_applied += (~pending.skipped).float()
                 if bar is not None:
                     bar.update(1)
-                if self.step % cfg.run.log_interval == 0 or self.step == train.max_steps:
-                    # the only host sync besides the per-step finiteness/preemption flags
-                    loss = float(distributed.all_reduce_mean(interval_loss / applied_steps)) if applied_steps else float("nan")
+                step = self.step
+                log_now = step % cfg.run.log_interval == 0 or step == train.max_steps
+                eval_now = (train.eval_interval and step % train.eval_interval == 0) or step == train.max_steps
+                save_now = (train.save_interval and step % train.save_interval == 0) or step == train.max_steps
+                # The host reads each step's flags one step late, and all of them where it waits anyway.
+                settled = self.guarded.settle(keep_last=not (log_now or eval_now or save_now))
+                stop = stop or any(outcome.stop for _, outcome in settled)
+                if stop:
+                    settled += self.guarded.settle()
+                if log_now:
+                    loss = float(distributed.all_reduce_mean(interval_loss / interval_applied))  # NaN if none applied
                     last = self._log_record(loss, interval_steps, time.perf_counter() - clock)
                     metrics.write(last)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
                     interval_loss.zero_()
-                    interval_steps, applied_steps, clock = 0, 0, time.perf_counter()
-                self.guarded.check(outcome, self.step, self._resume_hint)
-                if (train.eval_interval and self.step % train.eval_interval == 0) or self.step == train.max_steps:
+                    interval_applied.zero_()
+                    interval_steps, clock = 0, time.perf_counter()
+                for number, outcome in settled:
+                    self.guarded.check(outcome, number, self._resume_hint)
+                if eval_now:
                     val_loss = self.evaluate()
                     if val_loss is not None:
                         last["val_loss"] = val_loss
-                        metrics.write({"step": self.step, "val_loss": val_loss, "val_perplexity": _perplexity(val_loss)})
-                if (train.save_interval and self.step % train.save_interval == 0) or self.step == train.max_steps:
+                        metrics.write({"step": step, "val_loss": val_loss, "val_perplexity": _perplexity(val_loss)})
+                if save_now:
                     self.save()
-                if outcome.stop and self.step < train.max_steps:
-                    if self.saved_step != self.step:
+                if stop and step < train.max_steps:
+                    if self.saved_step != step:
                         self.save()
                     self.stopped_by = (signals.received if signals else None) or "a signal to another rank"
                     break
-                faults.after_step(self.step)
+                faults.after_step(step)
         finally:
+            if self.batches is not None:
+                self.batches.close()
+                self.batches = None
             if bar is not None:
                 bar.close()
             metrics.close()
@@ -209,7 +230,9 @@ class Trainer:
 
     def _log_record(self, loss: float, steps: int, elapsed: float) -> dict[str, Any]:
         tokens_per_second = self.tokens_per_step * steps / max(elapsed, 1e-9)
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.guarded.last_grad_norm
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
         record = {
             **pipeline_metrics(self.ds_config),
             "step": self.step,
@@ -243,8 +266,15 @@ def _perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
+def _progress(message: str) -> None:
+    """A line on rank 0 saying what the next seconds are spent on."""
+    if (distributed.rank() if distributed.is_initialized() else distributed.launcher_rank()) == 0:
+        print(f"lmforge train: {message}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    _progress("checking the config, data and DeepSpeed JSON")
     config = load_pretrain_config(args.config, args.set + (["run.resume_fallback=true"] if args.resume_fallback else []))
     run = prepare(config, launcher_world_size())
     signals = PreemptionSignals().install()
@@ -252,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if info.world_size != launcher_world_size():  # MPI discovery can learn the size only now
         run = prepare(config, info.world_size)
     try:
+        _progress(f"building the model and the DeepSpeed engine (ZeRO-{zero_stage_of(run.ds_config)})")
         trainer = Trainer(run, info)
         trainer.resume()
         if distributed.is_main():
@@ -262,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"run dir {cfg.run.dir}",
                 flush=True,
             )
+            if run.config.train.compile and info.device.type == "cuda":
+                _progress("the first step compiles the model (torch.compile): expect tens of seconds before the next line")
         last = trainer.run(signals)
         if distributed.is_main() and trainer.stopped_by:
             tag = checkpoint.tag_for_step(trainer.step)

@@ -23,3 +23,19 @@ def test_dry_run_prints_one_table_and_writes_the_same_as_json(tmp_path):
     assert [r["variant"] for r in data["results"]] == ["baseline", "zero0", "zero2:ckpt"]
     assert all(r["tokens_per_second"] > 0 for r in data["results"])
     assert data["results"][0]["ratio_to_baseline"] == 1.0
+
+
+@pytest.mark.slow
+def test_dry_run_times_the_real_loop_and_a_raw_script_on_shards(tmp_path, tiny_corpus_shards):
+    out = tmp_path / "table.json"
+    result = subprocess.run(
+        [sys.executable, "bench/train_throughput.py", "--dry-run", "--data", str(tiny_corpus_shards.shard_dir),
+         "--variants", "raw,loop:zero0,loop:zero2,baseline", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "× raw" in result.stdout
+    data = json.loads(out.read_text())
+    assert [r["variant"] for r in data["results"]] == ["raw", "loop:zero0", "loop:zero2", "baseline"]
+    assert all(r["tokens_per_second"] > 0 for r in data["results"])
+    assert data["results"][0]["ratio_to_baseline"] == 1.0

@@ -23,7 +23,8 @@ def test_yaml_values_fill_the_deepspeed_json():
     assert config["gradient_accumulation_steps"] == 3
     assert config["train_batch_size"] == 24
     assert config["gradient_clipping"] == 0.5
-    assert config["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}}
+    assert config["optimizer"] == {"type": "AdamW", "params": {"torch_adam": True, "fused": True, "lr": 1e-3, "betas": [0.9, 0.95],
+                                                               "eps": 1e-8, "weight_decay": 0.1}}
     assert config["scheduler"]["type"] == "WarmupCosineLR"
     assert config["scheduler"]["params"]["total_num_steps"] == 50
     assert config["scheduler"]["params"]["warmup_num_steps"] == 5
