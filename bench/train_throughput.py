@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the table here")
     parser.add_argument("--dry-run", action="store_true", help="tiny preset, 2 steps, any device")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops per variant")
+    parser.add_argument("--find-syncs", action="store_true",
+                        help="loop:* variants: list every host-GPU synchronisation in 3 steps after the warm-up (file:line, count)")
     return parser.parse_args(argv)
 
 
@@ -223,7 +225,11 @@ def measure_raw(config: ModelConfig, args, device, compile_model: bool) -> float
 
 
 def measure_loop(config: ModelConfig, json_name: str, args, device, compile_model: bool) -> float:
-    """Seconds per step of lmforge's Trainer.run on the shards: median logged interval after the warm-up."""
+    """Seconds per step of lmforge's Trainer.run on the shards: median logged interval after the warm-up.
+
+    `json_name` is a ds_configs/ stem, optionally followed by `:SET+SET` overrides of the config
+    (e.g. `zero0:train.compile_scope=blocks`)."""
+    json_name, _, extra = json_name.partition(":")
     import tempfile
 
     from pretrain.distributed import init_distributed as _init
@@ -237,14 +243,83 @@ def measure_loop(config: ModelConfig, json_name: str, args, device, compile_mode
                 f"train.max_steps={warmup + max(args.steps, 2 * interval)}", f"train.warmup_steps={min(10, warmup)}", "train.eval_interval=0",
                 "train.save_interval=0", f"train.compile={str(compile_model).lower()}", f"run.log_interval={interval}",
                 "run.progress_bar=false", "run.tensorboard=false", f"model.max_seq_len={max(args.seq_len, config.max_seq_len)}"]
+        sets += [item for item in extra.split("+") if item]
         cfg = load_pretrain_config(args.preset, sets)
         trainer = Trainer(prepare(cfg, 1, verify_checksums=False), _init())
         trainer.save = lambda: None  # the benchmark times training steps, not checkpoint writes
+        if args.find_syncs and device.type == "cuda":
+            trainer.train_step = _sync_finder(trainer.train_step, range(warmup + 1, warmup + 4), json_name)
+        if args.profile and device.type == "cuda":
+            trainer.train_step = _step_profiler(trainer.train_step, range(warmup + 5, warmup + 10), json_name)
         trainer.run()
         lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         del trainer
     rates = sorted(r["tokens_per_second"] for r in lines if "tokens_per_second" in r and r["step"] > warmup)
     return args.batch * args.seq_len / rates[len(rates) // 2]
+
+
+def _caller_outside_torch() -> str:
+    """file:line of the innermost frame not in torch or warnings (who asked for the value)."""
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        parts = Path(frame.filename).parts
+        if "torch" not in parts and "warnings.py" not in parts[-1:]:
+            return f"{'/'.join(parts[-2:])}:{frame.lineno}"
+    return "?"
+
+
+def _step_profiler(train_step, steps: range, name: str):
+    """Wraps Trainer.train_step: torch.profiler over `steps`, then the top ops by device and host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state = {"step": 0, "prof": None}
+
+    def step_with_profile(*args, **kwargs):
+        state["step"] += 1
+        if state["step"] == steps[0]:
+            state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            state["prof"].__enter__()
+        result = train_step(*args, **kwargs)
+        if state["step"] == steps[-1]:
+            torch.cuda.synchronize()
+            state["prof"].__exit__(None, None, None)
+            events = state["prof"].key_averages()
+            print(f"--- profile loop:{name} ({len(steps)} steps) by device time")
+            print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+            print(f"--- profile loop:{name} by host time")
+            print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
+        return result
+
+    return step_with_profile
+
+
+def _sync_finder(train_step, steps: range, name: str):
+    """Wraps Trainer.train_step: CUDA's sync debug mode on for `steps`, warnings counted by place."""
+    import collections
+    import warnings
+
+    found: collections.Counter = collections.Counter()
+
+    state = {"step": 0}
+
+    def step_with_probe(*args, **kwargs):
+        state["step"] += 1
+        if state["step"] not in steps:
+            return train_step(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda message, *rest: found.update([_caller_outside_torch()]) \
+                if "synchroniz" in str(message) else None
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return train_step(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                if state["step"] == steps[-1]:
+                    print(f"--- host syncs of loop:{name} in {len(steps)} steps: {dict(found) or 'none'}", flush=True)
+
+    return step_with_probe
 
 
 def measure(variant: str, config: ModelConfig, args, device, compile_model: bool) -> Result:

@@ -90,6 +90,8 @@ class TrainConfig:
     """Micro-batches per rank in one evaluation."""
     compile: bool = False
     """torch.compile the model (worth it on GPU; slow to start on CPU)."""
+    compile_scope: Literal["model", "blocks"] = "model"
+    """What torch.compile compiles: the whole model, or each block alone (one compilation reused by every layer: a faster start)."""
     max_bad_steps: int = 5
     """Consecutive optimizer steps with a non-finite loss or gradient (each skipped) that stop training."""
 

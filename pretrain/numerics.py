@@ -79,23 +79,30 @@ def _suppressed_optimizer_step(optimizer) -> Iterator[None]:
 
 @contextmanager
 def _deepspeed_host_norm_check_off() -> Iterator[None]:
-    """DeepSpeed's ZeRO optimizers read `bool(~isfinite(norm))` on the host in every step; with the
-    device guard the fused optimizer's `found_inf` makes that decision, so the read is skipped."""
+    """DeepSpeed's ZeRO optimizers read the gradient norm back on the host in every step: to test
+    it (`is_invalid_grad_norm`, a bool of a device tensor) and to mask it
+    (`mask_nan_or_inf_with_val_inplace` fills from a tensor built on the device from a Python
+    number). With the device guard the fused optimizer's `found_inf` decides, so for these steps the
+    test answers False and the mask fills from a Python scalar; the norm stays inf/NaN (or -1 after
+    the mask), which found_inf catches."""
     from deepspeed.runtime.zero import stage3, stage_1_and_2
 
-    modules = [m for m in (stage_1_and_2, stage3) if hasattr(m, "is_invalid_grad_norm")]
-    originals = [m.is_invalid_grad_norm for m in modules]
-
     def never_on_host(norm) -> bool:
-        return False if torch.is_tensor(norm) else originals[0](norm)
+        return False if torch.is_tensor(norm) else original_test(norm)
 
-    for module in modules:
-        module.is_invalid_grad_norm = never_on_host
+    def mask_on_device(input, device=None, val=-1.0):
+        input.masked_fill_(~torch.isfinite(input), val)
+
+    replaced = {"is_invalid_grad_norm": never_on_host, "mask_nan_or_inf_with_val_inplace": mask_on_device}
+    saved = [(m, name, getattr(m, name)) for m in (stage_1_and_2, stage3) for name in replaced if hasattr(m, name)]
+    original_test = next((f for _, name, f in saved if name == "is_invalid_grad_norm"), lambda norm: False)
+    for module, name, _ in saved:
+        setattr(module, name, replaced[name])
     try:
         yield
     finally:
-        for module, original in zip(modules, originals):
-            module.is_invalid_grad_norm = original
+        for module, name, original in saved:
+            setattr(module, name, original)
 
 
 def _gradients_finite(module: torch.nn.Module) -> torch.Tensor:
@@ -140,8 +147,8 @@ class GuardedStep:
 
         def step_unless_bad(*args, **kwargs):
             norm = zero._global_grad_norm
-            if torch.is_tensor(norm) and self._grad_bad is None:
-                self._grad_bad = ~torch.isfinite(norm.reshape(()))
+            if torch.is_tensor(norm) and self._grad_bad is None:  # -1: DeepSpeed's mark of an inf/NaN norm
+                self._grad_bad = ~torch.isfinite(norm.reshape(())) | (norm.reshape(()) < 0)
                 self.last_grad_norm = norm.reshape(())
             bad = self._loss_bad if self._grad_bad is None else self._loss_bad | self._grad_bad
             basic.found_inf = bad.float()
