@@ -63,7 +63,7 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     The model is compiled in place before DeepSpeed wraps it: measured faster than
     `engine.compile()` (docs/performance.md), and parameter names stay unprefixed in checkpoints.
     A JSON asking for DeepSpeed's DeepCompile (`"compile": {"deepcompile": true}`, e.g.
-    ds_configs/zero3_deepcompile.json) is compiled by the engine instead, as DeepCompile requires:
+    ds_configs/zero3.json) is compiled by the engine instead, as DeepCompile requires:
     4.2x faster than the hooks path for ZeRO-3 on one H200.
     A pipelined config builds this rank's stage only (other stages' weights are released).
     `guard_clips`: the caller steps through pretrain.numerics.GuardedStep, which at ZeRO-0 with the

@@ -1,0 +1,50 @@
+"""Run by test_train_host_syncs.py: counts the device values the host reads while lmforge's Trainer
+queues each optimizer step (forward, backward, DeepSpeed's step), and prints them as JSON.
+
+Every read of a device value into Python (`.item()`, `float()`, `bool()`, `.tolist()`) reaches
+aten's `_local_scalar_dense` or `is_nonzero`; on a GPU each one waits for the GPU to finish."""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pretrain import distributed
+from pretrain.config import load_pretrain_config
+from pretrain.train import Trainer, prepare
+
+READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
+
+
+class HostReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in READS
+        return func(*args, **(kwargs or {}))
+
+
+def main(argv: list[str]) -> None:
+    config = load_pretrain_config("tiny", [item for item in argv if item != "--set"])
+    trainer = Trainer(prepare(config, 1), distributed.init_distributed())
+    counts: list[int] = []
+    queue_step = trainer.guarded.step
+
+    def counted(*args, **kwargs):
+        with HostReads() as reads:
+            pending = queue_step(*args, **kwargs)
+        counts.append(reads.count)
+        return pending
+
+    trainer.guarded.step = counted
+    last = trainer.run()
+    print(json.dumps({"reads_per_step": counts, "on_device": trainer.guarded.on_device, "loss": last.get("loss")}))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
