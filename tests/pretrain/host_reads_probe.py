@@ -9,22 +9,39 @@ import json
 import sys
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain import distributed
 from pretrain.config import load_pretrain_config
 from pretrain.train import Trainer, prepare
 
-READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
+ATEN_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
+PYTHON_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+                torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy}
 
 
-class HostReads(TorchDispatchMode):
+class AtenReads(TorchDispatchMode):
+    """Reads made inside operators (C++ `.item()`), and those of the Python methods below them."""
+
     def __init__(self):
         super().__init__()
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in READS
+        self.count += func in ATEN_READS
+        return func(*args, **(kwargs or {}))
+
+
+class PythonReads(TorchFunctionMode):
+    """`.tolist()` and friends of CPU tensors never reach an aten read: counted here."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func in PYTHON_READS
         return func(*args, **(kwargs or {}))
 
 
@@ -35,9 +52,9 @@ def main(argv: list[str]) -> None:
     queue_step = trainer.guarded.step
 
     def counted(*args, **kwargs):
-        with HostReads() as reads:
+        with PythonReads() as python_reads, AtenReads() as aten_reads:
             pending = queue_step(*args, **kwargs)
-        counts.append(reads.count)
+        counts.append(python_reads.count + aten_reads.count)
         return pending
 
     trainer.guarded.step = counted
