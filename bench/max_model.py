@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from lmforge.distributed import init_distributed, shutdown
 from pretrain.config import load_pretrain_config, resolve_repo_path
-from pretrain.distributed import init_distributed, shutdown
 from pretrain.ds_config import build_deepspeed_config
 from pretrain.model import ModelConfig, Transformer
 

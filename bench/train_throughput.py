@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from lmforge.distributed import init_distributed
 from pretrain.config import load_pretrain_config, resolve_repo_path
-from pretrain.distributed import init_distributed
 from pretrain.ds_config import build_deepspeed_config
 from pretrain.model import ModelConfig, Transformer, flops_per_token
 
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     print_table(results, header)
     if args.json:
         args.json.write_text(json.dumps({"header": header, "results": [asdict(r) for r in results]}, indent=2))
-    from pretrain.distributed import shutdown
+    from lmforge.distributed import shutdown
 
     shutdown()
     return 0

@@ -1,7 +1,7 @@
 """The environment a launch hands to its ranks: TORCH_CUDA_ARCH_LIST and DeepSpeed's env file.
 
 DeepSpeed's JIT op builder parses TORCH_CUDA_ARCH_LIST as numbers, so the '9.0a' that Hopper
-images set crashes it; `pretrain.distributed.normalise_cuda_arch_list` rewrites it ('9.0a' ->
+images set crashes it; `lmforge.distributed.normalise_cuda_arch_list` rewrites it ('9.0a' ->
 '9.0') and preflight prints the export line for shell launchers. For multi-node launches
 DeepSpeed forwards only PYTHON*, NCCL*, UCX*, MV2* and MLFLOW* variables plus the KEY=VALUE lines
 of `.deepspeed_env` (in the working directory or ~, or the file DS_ENV_FILE names);
@@ -15,7 +15,7 @@ import shlex
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from pretrain.distributed import normalise_cuda_arch_list
+from lmforge.distributed import normalise_cuda_arch_list
 
 ARCH_LIST = "TORCH_CUDA_ARCH_LIST"
 _ARCH = re.compile(r"^\d+\.\d+(\+PTX)?$")

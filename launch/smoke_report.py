@@ -49,10 +49,10 @@ def loss_fell(records: list[dict[str, Any]]) -> bool:
 
 
 def print_sample(run_dir: Path) -> None:
-    if importlib.util.find_spec("pretrain.generate") is None:
+    if importlib.util.find_spec("run_tools.generate") is None:
         print("sample       skipped: `lmforge generate` is not in this checkout")
         return
-    from pretrain.generate import main as generate
+    from run_tools.generate import main as generate
 
     print("sample:", flush=True)
     generate(["--checkpoint", str(run_dir), "--max-new-tokens", "64", "--seed", "0"])

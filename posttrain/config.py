@@ -54,7 +54,7 @@ class PPOConfig:
     reward_run: Path | None = None
     """Reward-model run directory (`lmforge reward`) that scores each rollout."""
     reward_function: str | None = None
-    """A programmatic reward instead: a name in posttrain.rewards (digit_fraction, python_syntax) or module:function."""
+    """A programmatic reward instead: a name in posttrain.reward_functions (digit_fraction, python_syntax) or module:function."""
     monitor_function: str | None = None
     """A programmatic score logged as `monitor` for each rollout batch, not optimised (e.g. python_syntax with a reward model)."""
     critic_from: Literal["auto", "reward", "policy"] = "auto"

@@ -17,6 +17,7 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
+from lmforge import distributed
 from lmforge.errors import LmforgeError, run_cli
 from posttrain.batches import EvalChunk, ExampleOrder, eval_chunks, lm_inputs_and_targets, pack
 from posttrain.formats import SFT_SHAPE, parse_sft, split_records
@@ -24,7 +25,6 @@ from posttrain.job import Job
 from posttrain.losses import sft_loss
 from posttrain.template import Rendered, render_sft
 from posttrain.verb import SupervisedVerb, run_supervised_verb
-from pretrain import distributed
 from pretrain.model import Transformer, token_cross_entropy
 
 

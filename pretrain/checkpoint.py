@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge import distributed
 from lmforge.errors import LmforgeError
-from pretrain import distributed, faults
+from pretrain import faults
 
 COMPLETE_MARKER = "COMPLETE"
 DAMAGED_MARKER = "DAMAGED"
@@ -122,7 +123,7 @@ def _my_share(names: list[str]) -> list[str]:
 
 
 def _file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
-    from data_prep.files import sha256_file
+    from lmforge.files import sha256_file
 
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
     mine = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)} for name in _my_share(names)}
@@ -217,7 +218,7 @@ def damage(run_dir: Path, tag: str) -> list[str]:
 
     Every rank checks a share of the files (sizes, then sha256) and all get the full list.
     """
-    from data_prep.files import sha256_file
+    from lmforge.files import sha256_file
 
     folder = checkpoints_dir(run_dir) / tag
     files = read_record(folder).get("files", {})

@@ -20,18 +20,19 @@ if __package__ in (None, ""):  # `deepspeed pretrain/train.py` runs this file as
 
 import torch
 
+from lmforge import distributed
 from lmforge.config import save_config
+from lmforge.distributed import bf16_supported, launcher_world_size
 from lmforge.errors import LmforgeError, run_cli
-from pretrain import checkpoint, distributed, faults, resume, run_checks
+from pretrain import checkpoint, faults, resume, run_checks
 from pretrain.config import PretrainConfig, load_pretrain_config, resolve_repo_path
-from pretrain.data_source import TrainingData, check_data
-from pretrain.distributed import bf16_supported, launcher_world_size
 from pretrain.ds_config import build_deepspeed_config, precision_of, zero_stage_of
+from pretrain.guarded_step import GuardedStep, StepOutcome
 from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation
 from pretrain.model import Transformer
-from pretrain.numerics import GuardedStep, StepOutcome
 from pretrain.pipeline import configure_pipeline, data_parallel_size, pipeline_metrics
 from pretrain.preemption import PreemptionSignals
+from pretrain.rank_batches import TrainingData, check_data
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -85,7 +86,7 @@ class Trainer:
                                         zero_stage_of(self.ds_config))
         ds_config = self.ds_config
         if self.resume_point is not None and self.resume_point.load_dir is not None:
-            from pretrain.elastic import with_universal_loading
+            from pretrain.universal_checkpoint import with_universal_loading
 
             ds_config = with_universal_loading(ds_config)
         torch.manual_seed(train.seed)

@@ -7,7 +7,7 @@ import yaml
 from lmforge.errors import LmforgeError
 from posttrain.config import load_posttrain_config
 from posttrain.job import prepare_job
-from posttrain.ppo import actor_train_section, critic_train_section, prepare_ppo
+from posttrain.ppo_job import actor_train_section, critic_train_section, prepare_ppo
 
 PRESETS = sorted((Path(__file__).resolve().parents[2] / "configs" / "posttrain").glob("*.yaml"))
 

@@ -16,6 +16,7 @@ if __package__ in (None, ""):
 
 import torch
 
+from lmforge import distributed
 from lmforge.errors import run_cli
 from posttrain.batches import ExampleOrder, PairBatch, eval_chunks, pair_batch
 from posttrain.heads import ScalarHeadModel, last_token_scores
@@ -23,7 +24,6 @@ from posttrain.job import Job
 from posttrain.losses import bradley_terry_loss
 from posttrain.preferences import PreferenceData, load_preference_data
 from posttrain.verb import SupervisedVerb, run_supervised_verb
-from pretrain import distributed
 
 
 def pair_scores(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lmforge import distributed
 from lmforge.errors import LmforgeError
-from pretrain import distributed
 
 UNIVERSAL_DIR = "universal"
 
