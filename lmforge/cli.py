@@ -1,7 +1,12 @@
 """The `lmforge` command: one verb per thing a user does, each owned by the package that does it.
 
-Verbs are imported lazily so `lmforge --help` is instant and a verb's heavy imports (torch,
-deepspeed) happen only when it runs. Each target is a `main(argv) -> int` function.
+VERBS is the registry of verbs: verb -> (module, summary). The folder of each module is the stage
+that does the work (README.md's layout table): data_prep/ (prep), pretrain/ (train), posttrain/
+(sft, reward, ppo, dpo), run_tools/ (eval, generate, plot, export-hf, import-hf), launch/ (preflight).
+Modules are named as strings and imported lazily (importlib) so `lmforge --help` is instant and a
+verb's heavy imports (torch, deepspeed) happen only when it runs; because they are strings, lmforge/,
+the lowest layer of the import order (.importlinter), does not import the stages above it. Each
+target is a `main(argv) -> int` function.
 """
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ import copy, importlib.abc, json, sys
 
 class NoLmforge(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("lmforge", "pretrain", "data_prep", "posttrain", "launch", "tests"):
+        if name.split(".")[0] in ("lmforge", "pretrain", "data_prep", "posttrain", "run_tools", "launch", "tests"):
             raise ImportError(f"the exported model must not need {name}")
         return None
 
