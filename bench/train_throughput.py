@@ -1,6 +1,6 @@
 """Training throughput on one GPU: a raw-PyTorch baseline against lmforge's DeepSpeed path.
 
-    python bench/train_throughput.py --preset gpt2-124m --batch 16 --seq-len 1024 \
+    python -m bench.train_throughput --preset gpt2-124m --batch 16 --seq-len 1024 \
         --variants baseline,zero0,zero1,zero2,zero3 --json results.json
 
 Every variant trains the same model (same preset, weights seed, batch and sequence length) on
@@ -30,8 +30,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 

@@ -7,12 +7,7 @@ and the implicit-reward accuracy (share of pairs whose chosen reward is higher),
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 

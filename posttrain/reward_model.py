@@ -7,12 +7,7 @@ pairs. The run directory is what `lmforge ppo --set ppo.reward_run=...` reads.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 

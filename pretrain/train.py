@@ -9,14 +9,9 @@ SIGUSR1 saves one at the next step boundary and exits 0 (docs/reliability.md).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Sequence
-
-if __package__ in (None, ""):  # `deepspeed pretrain/train.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
