@@ -1,4 +1,4 @@
-"""Wraps the plain model in a DeepSpeed engine: parameter groups, activation checkpointing, compile.
+"""Wraps the plain model in a DeepSpeed engine: parameter groups, activation checkpointing (pretrain/activation_checkpointing.py), compile.
 
 With DeepSpeed's `pipeline.stages` > 1 in the JSON (filled from `parallel.pipeline_stages` by
 `pretrain.pipeline.configure_pipeline`) the engine is DeepSpeed's PipelineEngine over the same
@@ -7,14 +7,12 @@ model's modules (pretrain/pipeline.py); the functions below work for both.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from functools import partial
 from typing import Any, Callable
 
 import deepspeed
 import torch
-import torch.utils.checkpoint
 
-from pretrain.ds_config import activation_checkpoint_every
+from pretrain.activation_checkpointing import apply_activation_checkpointing
 from pretrain.model import Transformer
 from pretrain.pipeline import build_pipeline_module, pipeline_stages_of
 
@@ -37,25 +35,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     ]
 
 
-def configure_activation_checkpointing(model: Transformer, ds_config: dict[str, Any]) -> None:
-    """Recompute every k-th block's activations in backward when the JSON asks for it.
-
-    Torch's non-reentrant checkpoint is used (it composes with torch.compile and ZeRO-3); with
-    DeepSpeed's `partition_activations` or `cpu_checkpointing` on, DeepSpeed's own checkpoint is.
-    """
-    every = activation_checkpoint_every(ds_config, model.config.n_layers)
-    if every is None:
-        model.checkpoint_fn = None
-        return
-    section = ds_config["activation_checkpointing"]
-    if section.get("partition_activations") or section.get("cpu_checkpointing"):
-        deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
-        model.checkpoint_fn = deepspeed.checkpointing.checkpoint
-    else:
-        model.checkpoint_fn = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    model.checkpoint_every = every
-
-
 def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool):
     """Returns the DeepSpeed engine (optimizer and WarmupCosineLR scheduler from the JSON).
 
@@ -68,7 +47,7 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     """
     if pipeline_stages_of(ds_config) > 1:
         return _build_pipeline_engine(model, ds_config, weight_decay, compile_model)
-    configure_activation_checkpointing(model, ds_config)
+    apply_activation_checkpointing(model, ds_config)
     deepcompile = bool(ds_config.get("compile", {}).get("deepcompile"))
     if compile_model and not deepcompile:
         model.compile()
