@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from lmforge.distributed import normalise_cuda_arch_list
+from lmforge.files import write_atomic
 
 ARCH_LIST = "TORCH_CUDA_ARCH_LIST"
 _ARCH = re.compile(r"^\d+\.\d+(\+PTX)?$")
@@ -91,6 +92,4 @@ def deepspeed_env(environ: Mapping[str, str], extra_names: Iterable[str]) -> tup
 def write_deepspeed_env(path: Path, values: Mapping[str, str]) -> None:
     """Writes KEY=VALUE lines atomically (temp + rename), in DeepSpeed's .deepspeed_env format."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(f"{key}={value}\n" for key, value in values.items()), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(f"{key}={value}\n" for key, value in values.items()))

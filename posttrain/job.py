@@ -5,7 +5,6 @@ group exists), then load starting weights and save config.yaml + tokenizer.model
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from lmforge.config import save_config
 from lmforge.distributed import bf16_supported, launcher_world_size
 from lmforge.errors import LmforgeError
+from lmforge.files import write_atomic
 from posttrain.config import PosttrainConfig
 from posttrain.heads import ScalarHeadModel
 from pretrain import checkpoint
@@ -24,7 +24,7 @@ from pretrain.ds_config import build_deepspeed_config
 from pretrain.model import ModelConfig, Transformer
 from pretrain.run_checks import check_run_dir
 # Reading any run (pretrain, import-hf, post-training) is pretrain.run_dir's; posttrain's callers import these from here too.
-from lmforge.run_layout import TOKENIZER_COPY
+from lmforge.run_layout import TOKENIZER_COPY, config_path
 from pretrain.run_dir import run_model_config, run_tokenizer_path  # noqa: F401
 
 
@@ -145,10 +145,8 @@ def save_run_files(job: Job, main: bool) -> None:
     if not main:
         return
     run_dir = job.config.run.dir
-    save_config(job.config, run_dir / "config.yaml")
+    save_config(job.config, config_path(run_dir))
     target = run_dir / TOKENIZER_COPY
     source = Path(job.config.init.tokenizer)
     if source.resolve() != target.resolve():
-        tmp = target.with_name(f".{TOKENIZER_COPY}.tmp{os.getpid()}")
-        shutil.copyfile(source, tmp)
-        tmp.replace(target)
+        write_atomic(target, lambda temp: shutil.copyfile(source, temp))

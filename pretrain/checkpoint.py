@@ -22,17 +22,16 @@ import torch
 
 from lmforge import distributed
 from lmforge.errors import LmforgeError
+from lmforge.files import write_atomic
+from lmforge.run_layout import CHECKPOINTS_DIR, COMPLETE_MARKER, DAMAGED_MARKER, LATEST_FILE  # noqa: F401 (re-exported)
 from pretrain import faults
 
-COMPLETE_MARKER = "COMPLETE"
-DAMAGED_MARKER = "DAMAGED"
-LATEST_FILE = "latest"
 RECORD_VERSION = 1
 TAG_PATTERN = re.compile(r"step_(\d+)")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def tag_for_step(step: int) -> str:
@@ -41,15 +40,6 @@ def tag_for_step(step: int) -> str:
 
 def step_of_tag(tag: str) -> int:
     return int(tag.removeprefix("step_"))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
 
 
 def rng_state() -> dict[str, Any]:

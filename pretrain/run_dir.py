@@ -45,11 +45,11 @@ def run_model_config(run_dir: Path) -> ModelConfig:
 
 
 def _manifest_tokenizer(shard_dir: Path) -> Path | None:
-    import json
+    from data_prep.manifest import load_manifest
 
     try:
-        return Path(json.loads((shard_dir / "manifest.json").read_text())["tokenizer"]["path"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return load_manifest(shard_dir).tokenizer.path
+    except LmforgeError:
         return None
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.run_layout import config_path
 from pretrain import checkpoint
 from pretrain.model import ModelConfig, Transformer
 from pretrain.pipeline_checkpoint import is_pipeline_checkpoint, pipeline_state_dict_to_model
@@ -132,5 +133,5 @@ def lm_state_dict(run_dir: Path, model: ModelConfig, step: int | None = None) ->
                            "not a causal language model; use an SFT, DPO, PPO (its actor) or pretraining run")
     if model.tied and "embed.weight" in state:
         state.setdefault("lm_head.weight", state["embed.weight"])
-    check_state_dict(state, model, f"{folder} with {Path(run_dir) / 'config.yaml'}")
+    check_state_dict(state, model, f"{folder} with {config_path(run_dir)}")
     return state, tag

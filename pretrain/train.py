@@ -19,6 +19,7 @@ from lmforge import distributed
 from lmforge.config import save_config
 from lmforge.distributed import bf16_supported, launcher_world_size
 from lmforge.errors import LmforgeError, run_cli
+from lmforge.run_layout import config_path
 from pretrain import checkpoint, faults, resume, run_checks
 from pretrain.config import PretrainConfig, load_pretrain_config, resolve_repo_path
 from pretrain.ds_config import build_deepspeed_config, precision_of, zero_stage_of
@@ -154,7 +155,7 @@ class Trainer:
         cfg, train = self.config, self.config.train
         main = distributed.is_main()
         if main:
-            save_config(cfg, cfg.run.dir / "config.yaml")
+            save_config(cfg, config_path(cfg.run.dir))
         metrics = MetricsWriter(cfg.run.dir, main, cfg.run.tensorboard, self.step)
         self.stopped_by: str | None = None
         bar = None

@@ -170,7 +170,7 @@ def print_table(result: EvalResult) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from data_prep.manifest import load_manifest
     from lmforge import distributed
-    from pretrain.checkpoint import write_atomic
+    from lmforge.files import write_atomic
     from run_tools.run_config import load_checked_model, load_run_config
 
     args = parse_args(argv)

@@ -20,7 +20,7 @@ import torch
 
 from lmforge.config import config_from_mapping, config_to_dict, parse_overrides, read_yaml_mapping, save_config
 from lmforge.errors import LmforgeError, run_cli
-from lmforge.run_layout import SOURCE_TOKENIZER_DIR
+from lmforge.run_layout import SOURCE_TOKENIZER_DIR, config_path
 from pretrain.config import PretrainConfig, resolve_config_path
 from pretrain.model import ModelConfig, Transformer
 from pretrain.run_weights import check_state_dict
@@ -113,7 +113,7 @@ def save_as_run(config: PretrainConfig, state: dict[str, torch.Tensor], model_di
         engine = build_engine(model, ds_config, config.train.weight_decay, compile_model=False)
         kept = None
         if distributed.is_main():
-            save_config(config, config.run.dir / "config.yaml")
+            save_config(config, config_path(config.run.dir))
             kept = keep_source_tokenizer(model_dir, hf, config.run.dir)
         client_state = {"step": 0, "seed": config.train.seed, "world_size": info.world_size, "imported_from": str(model_dir)}
         return checkpoint.save(engine, config.run.dir, 0, client_state, config.train.keep_last), kept
