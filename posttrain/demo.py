@@ -90,11 +90,11 @@ def shard_manifest(pretrained: Path) -> Path:
 def load_model(run_dir: Path):
     from data_prep.tokenizer import Tokenizer
     from posttrain.job import load_weights, run_model_config, run_tokenizer_path
-    from pretrain.checkpoint import consolidated_state_dict
     from pretrain.model import Transformer
+    from pretrain.run_weights import run_state_dict
 
     model = Transformer(run_model_config(run_dir))
-    state, tag = consolidated_state_dict(run_dir)
+    state, tag = run_state_dict(run_dir)
     load_weights(model, state, f"{run_dir} {tag}")
     return model.eval(), Tokenizer.load(run_tokenizer_path(run_dir))
 

@@ -13,7 +13,7 @@ import torch
 
 from data_prep.indexed_dataset import IndexedDataset
 from lmforge.errors import run_cli
-from pretrain import evaluate
+from run_tools import evaluate
 from run_tools.run_config import load_checked_model
 from tests.pretrain.training_runs import REPO, run_env, run_training
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lmforge.errors import run_cli
-from pretrain import export_hf, import_hf
+from run_tools import export_hf, import_hf
 from run_tools.run_config import load_checked_model
 from tests.pretrain.training_runs import REPO, run_env, step_losses
 
