@@ -28,12 +28,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from data_prep.corpus import Corpus, CorpusSpec, stdlib_files  # noqa: E402
-from data_prep.shards import ShardOptions, _encode_documents, build_shards  # noqa: E402
-from data_prep.tokenizer import Tokenizer, TokenizerOptions, train_tokenizer  # noqa: E402
-from lmforge.errors import LmforgeError, run_cli  # noqa: E402
+from data_prep.corpus import Corpus, CorpusSpec, stdlib_files
+from data_prep.shards import ShardOptions, _encode_documents, build_shards
+from data_prep.tokenizer import Tokenizer, TokenizerOptions, train_tokenizer
+from lmforge.errors import LmforgeError, run_cli
 
 DRY_RUN_FILES = 20
 

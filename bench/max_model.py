@@ -1,6 +1,6 @@
 """The largest Llama that trains on one GPU with ZeRO-3, CPU offload and activation checkpointing.
 
-    python bench/max_model.py --presets llama-1b,llama-7b,llama-13b --host-limit-gib 128
+    python -m bench.max_model --presets llama-1b,llama-7b,llama-13b --host-limit-gib 128
 
 Tries each size in turn through lmforge's engine (ds_configs/zero3_offload.json: optimizer and
 parameters on the CPU, every block checkpointed), a few steps of micro-batch 1 at --seq-len, and
@@ -19,12 +19,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
+from lmforge.distributed import init_distributed, shutdown
 from pretrain.config import load_pretrain_config, resolve_repo_path
-from pretrain.distributed import init_distributed, shutdown
 from pretrain.ds_config import build_deepspeed_config
 from pretrain.model import ModelConfig, Transformer
 

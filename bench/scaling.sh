@@ -13,7 +13,7 @@ base=""
 for n in $counts; do
   run=/dev/shm/lmforge_scaling_${preset}_$n
   rm -rf "$run"
-  deepspeed --num_gpus "$n" pretrain/train.py --config "$preset" --set run.dir="$run" \
+  deepspeed --num_gpus "$n" --module pretrain.train --config "$preset" --set run.dir="$run" \
     --set deepspeed.config="$ds_json" --set train.max_steps=40 --set train.warmup_steps=10 --set run.log_interval=10 \
     --set run.progress_bar=false --set train.eval_batches=1 "$@" > "$out/scaling_${preset}_$n.log" 2>&1
   line=$(grep '"loss"' "$run/metrics.jsonl" 2>/dev/null | tail -n 1)

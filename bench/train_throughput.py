@@ -1,6 +1,6 @@
 """Training throughput on one GPU: raw PyTorch against lmforge's real training loop and its engine.
 
-    python bench/train_throughput.py --preset gpt2-124m --batch 16 --seq-len 1024 --data data/stdlib \
+    python -m bench.train_throughput --preset gpt2-124m --batch 16 --seq-len 1024 --data data/stdlib \
         --variants raw,loop:zero0,loop:zero1,loop:zero2,loop:zero3,baseline,zero1 --json results.json
 
 Every variant trains the same model (same preset, weights seed, batch and sequence length), in this
@@ -37,12 +37,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
+from lmforge.distributed import init_distributed
 from pretrain.config import load_pretrain_config, resolve_repo_path
-from pretrain.distributed import init_distributed
 from pretrain.ds_config import build_deepspeed_config
 from pretrain.model import ModelConfig, Transformer, flops_per_token
 
@@ -232,7 +230,7 @@ def measure_loop(config: ModelConfig, json_name: str, args, device, compile_mode
     json_name, _, extra = json_name.partition(":")
     import tempfile
 
-    from pretrain.distributed import init_distributed as _init
+    from lmforge.distributed import init_distributed as _init
     from pretrain.train import Trainer, prepare
 
     interval = 10 if not args.dry_run else 1
@@ -414,7 +412,7 @@ def main(argv=None) -> int:
     print_table(results, header, reference)
     if args.json:
         args.json.write_text(json.dumps({"header": header, "results": [asdict(r) for r in results]}, indent=2))
-    from pretrain.distributed import shutdown
+    from lmforge.distributed import shutdown
 
     shutdown()
     return 0

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.files import fsync_replace, temp_path_for
 from lmforge.errors import LmforgeError
+from lmforge.files import fsync_replace, temp_path_for
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

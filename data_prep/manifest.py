@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from data_prep.files import sha256_file
 from data_prep.indexed_dataset import bin_path, idx_path
 from lmforge.errors import LmforgeError
+from lmforge.files import sha256_file
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1

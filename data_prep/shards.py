@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from data_prep.corpus import Corpus, CorpusSpec
-from data_prep.files import atomic_write_bytes, atomic_write_json, clean_temp_files, ensure_writable_dir, sha256_file
 from data_prep.indexed_dataset import IndexedDatasetWriter, bin_path, idx_path, token_dtype
+from lmforge.files import atomic_write_bytes, atomic_write_json, clean_temp_files, ensure_writable_dir, sha256_file
 from data_prep.manifest import (
     FORMAT_VERSION, MANIFEST_FILE, SPLITS, Manifest, Shard, Split, TokenizerRef, manifest_from_json, manifest_to_json,
 )

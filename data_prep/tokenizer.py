@@ -19,8 +19,8 @@ from typing import Iterable, Iterator, Sequence
 import sentencepiece as spm
 
 from data_prep.corpus import Corpus, CorpusSpec, describe_inputs
-from data_prep.files import atomic_write_bytes, atomic_write_json, output_directory
 from lmforge.errors import LmforgeError
+from lmforge.files import atomic_write_bytes, atomic_write_json, output_directory
 
 MODEL_FILE = "tokenizer.model"
 METADATA_FILE = "tokenizer.json"

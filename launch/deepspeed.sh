@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pretraining through DeepSpeed's own launcher, on one machine or many: preflight, then
 #   deepspeed [--hostfile H [--include S|--exclude S]] [--num_nodes N] [--num_gpus G] [--master_addr A]
-#             --master_port P --launcher L [--launcher_args ...] [--no_ssh --node_rank R] pretrain/train.py ARGS
+#             --master_port P --launcher L [--launcher_args ...] [--no_ssh --node_rank R] --module pretrain.train ARGS
 #
 #   HOSTFILE=launch/hostfile launch/deepspeed.sh --config llama-1b --set run.dir=/shared/runs/llama-1b
 #   NUM_GPUS=8 launch/deepspeed.sh --config gpt2-124m          # this machine only
@@ -20,6 +20,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
+# `python -m pretrain.train` on every rank: the checkout is importable (DeepSpeed's runner forwards PYTHON*)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 hosts=()
 [ -n "${HOSTFILE:-}" ] && hosts+=(--hostfile "$HOSTFILE")
@@ -42,4 +44,4 @@ eval "$exports_sh"
 set -x
 exec deepspeed "${hosts[@]}" ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} --master_port "${MASTER_PORT:-29500}" \
   --launcher "${LAUNCHER:-pdsh}" ${LAUNCHER_ARGS:+--launcher_args "$LAUNCHER_ARGS"} \
-  ${NODE_RANK:+--no_ssh --node_rank "$NODE_RANK"} "${deepspeed_args[@]}" pretrain/train.py "$@"
+  ${NODE_RANK:+--no_ssh --node_rank "$NODE_RANK"} "${deepspeed_args[@]}" --module pretrain.train "$@"

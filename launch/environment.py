@@ -1,7 +1,7 @@
 """The environment a launch hands to its ranks: TORCH_CUDA_ARCH_LIST and DeepSpeed's env file.
 
 DeepSpeed's JIT op builder parses TORCH_CUDA_ARCH_LIST as numbers, so the '9.0a' that Hopper
-images set crashes it; `pretrain.distributed.normalise_cuda_arch_list` rewrites it ('9.0a' ->
+images set crashes it; `lmforge.distributed.normalise_cuda_arch_list` rewrites it ('9.0a' ->
 '9.0') and preflight prints the export line for shell launchers. For multi-node launches
 DeepSpeed forwards only PYTHON*, NCCL*, UCX*, MV2* and MLFLOW* variables plus the KEY=VALUE lines
 of `.deepspeed_env` (in the working directory or ~, or the file DS_ENV_FILE names);
@@ -15,7 +15,8 @@ import shlex
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from pretrain.distributed import normalise_cuda_arch_list
+from lmforge.distributed import normalise_cuda_arch_list
+from lmforge.files import write_atomic
 
 ARCH_LIST = "TORCH_CUDA_ARCH_LIST"
 _ARCH = re.compile(r"^\d+\.\d+(\+PTX)?$")
@@ -91,6 +92,4 @@ def deepspeed_env(environ: Mapping[str, str], extra_names: Iterable[str]) -> tup
 def write_deepspeed_env(path: Path, values: Mapping[str, str]) -> None:
     """Writes KEY=VALUE lines atomically (temp + rename), in DeepSpeed's .deepspeed_env format."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(f"{key}={value}\n" for key, value in values.items()), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(f"{key}={value}\n" for key, value in values.items()))

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmforge.errors import USER_ERROR_EXIT_CODE, LmforgeError, run_cli
 from launch import environment
-from launch.checkpoint_space import BYTES_PER_PARAM, checkpoint_space, human_bytes
 from launch.hostfile import read_hostfile, select_slots
 from launch.zero_checks import precision_problems, zero_problems
+from lmforge.errors import USER_ERROR_EXIT_CODE, LmforgeError, run_cli
+from lmforge.run_layout import DEEPSPEED_ENV_FILE
+from pretrain.checkpoint_space import BYTES_PER_PARAM, checkpoint_space, human_bytes
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +69,7 @@ class Findings:
 
 def world_size(args: argparse.Namespace, found: Findings) -> int | None:
     """The launch's world size from the hostfile (with the filters) or --world-size; None when unknown."""
-    from pretrain.train import launcher_world_size
+    from lmforge.distributed import launcher_world_size
 
     if args.world_size is not None and args.world_size < 1:
         found.problems.append(f"--world-size {args.world_size}: must be at least 1")
@@ -140,10 +141,10 @@ def deepspeed_config(config, world: int | None, found: Findings) -> dict[str, An
     """DeepSpeed's merged JSON for `world` ranks (None when unknown: the raw JSON is checked alone)."""
     import torch
 
+    from lmforge.distributed import bf16_supported
     from pretrain.config import resolve_repo_path
     from pretrain.ds_config import build_deepspeed_config, read_deepspeed_json
     from pretrain.pipeline import data_parallel_size
-    from pretrain.train import bf16_supported
 
     path = resolve_repo_path(config.deepspeed.config)
     try:
@@ -260,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USER_ERROR_EXIT_CODE
     env_file = None
     if args.deepspeed_env:
-        env_file = (found.run_dir / ".deepspeed_env").resolve()
+        env_file = (found.run_dir / DEEPSPEED_ENV_FILE).resolve()
         environment.write_deepspeed_env(env_file, values)
         found.fact("deepspeed env", f"{env_file}: {', '.join(values) or 'nothing'}")
     summary = sys.stderr if args.print_exports else sys.stdout

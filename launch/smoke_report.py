@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lmforge.errors import LmforgeError, run_cli
+from lmforge.run_layout import metrics_path
 
 SMOKE_FAILED_EXIT_CODE = 1
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The training lines (those with a loss) of RUN_DIR/metrics.jsonl, in order."""
-    path = run_dir / "metrics.jsonl"
+    path = metrics_path(run_dir)
     if not path.is_file():
         raise LmforgeError(f"{path}: not found; did the smoke run train?")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -49,10 +50,10 @@ def loss_fell(records: list[dict[str, Any]]) -> bool:
 
 
 def print_sample(run_dir: Path) -> None:
-    if importlib.util.find_spec("pretrain.generate") is None:
+    if importlib.util.find_spec("run_tools.generate") is None:
         print("sample       skipped: `lmforge generate` is not in this checkout")
         return
-    from pretrain.generate import main as generate
+    from run_tools.generate import main as generate
 
     print("sample:", flush=True)
     generate(["--checkpoint", str(run_dir), "--max-new-tokens", "64", "--seed", "0"])

@@ -1,7 +1,12 @@
 """The `lmforge` command: one verb per thing a user does, each owned by the package that does it.
 
-Verbs are imported lazily so `lmforge --help` is instant and a verb's heavy imports (torch,
-deepspeed) happen only when it runs. Each target is a `main(argv) -> int` function.
+VERBS is the registry of verbs: verb -> (module, summary). The folder of each module is the stage
+that does the work (README.md's layout table): data_prep/ (prep), pretrain/ (train), posttrain/
+(sft, reward, ppo, dpo), run_tools/ (eval, generate, plot, export-hf, import-hf), launch/ (preflight).
+Modules are named as strings and imported lazily (importlib) so `lmforge --help` is instant and a
+verb's heavy imports (torch, deepspeed) happen only when it runs; because they are strings, lmforge/,
+the lowest layer of the import order (.importlinter), does not import the stages above it. Each
+target is a `main(argv) -> int` function.
 """
 from __future__ import annotations
 
@@ -14,14 +19,14 @@ from lmforge.errors import LmforgeError, USER_ERROR_EXIT_CODE, run_cli
 VERBS: dict[str, tuple[str, str]] = {
     "prep": ("data_prep.cli", "text -> tokenizer and Megatron-format shards (tokenizer|shards|verify)"),
     "train": ("pretrain.train", "pretrain a model with DeepSpeed from a YAML config"),
-    "eval": ("pretrain.evaluate", "loss, perplexity and bits per byte of a checkpoint on held-out shards"),
-    "generate": ("pretrain.generate", "sample text from a checkpoint (temperature, top-k, top-p, KV cache)"),
-    "plot": ("pretrain.plot", "write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl"),
+    "eval": ("run_tools.evaluate", "loss, perplexity and bits per byte of a checkpoint on held-out shards"),
+    "generate": ("run_tools.generate", "sample text from a checkpoint (temperature, top-k, top-p, KV cache)"),
+    "plot": ("run_tools.plot", "write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl"),
     "preflight": ("launch.preflight", "check a config, its DeepSpeed JSON, data and hosts before any GPU work"),
-    "export-hf": ("pretrain.export_hf", "write a checkpoint as a Hugging Face transformers model"),
-    "import-hf": ("pretrain.import_hf", "turn a Hugging Face Llama/GPT-2 checkpoint into an lmforge run"),
+    "export-hf": ("run_tools.export_hf", "write a checkpoint as a Hugging Face transformers model"),
+    "import-hf": ("run_tools.import_hf", "turn a Hugging Face Llama/GPT-2 checkpoint into an lmforge run"),
     "sft": ("posttrain.sft", "supervised fine-tuning on prompt/response data"),
-    "reward": ("posttrain.reward", "train a reward model on preference pairs"),
+    "reward": ("posttrain.reward_model", "train a reward model on preference pairs"),
     "ppo": ("posttrain.ppo", "RLHF with PPO against a reward model"),
     "dpo": ("posttrain.dpo", "direct preference optimisation against a frozen reference"),
 }

@@ -18,6 +18,7 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 import yaml
 
 from lmforge.errors import LmforgeError
+from lmforge.files import write_atomic
 
 T = TypeVar("T")
 
@@ -216,6 +217,4 @@ def save_config(config: Any, path: Path) -> None:
     """Writes the resolved config as YAML, atomically (temp + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

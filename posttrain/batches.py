@@ -2,7 +2,7 @@
 
 The k-th example of the global stream is `order[k % n]` of a seeded permutation drawn anew for each
 epoch `k // n`; optimizer step s, micro-batch m, rank r of R reads the `micro` examples from
-`s * global_batch + m * R * micro + r * micro`, as pretraining does (pretrain/data_source.py). So
+`s * global_batch + m * R * micro + r * micro`, as pretraining does (pretrain/rank_batches.py). So
 the global batch does not depend on the number of ranks, and a resumed run continues exactly.
 """
 from __future__ import annotations

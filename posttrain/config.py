@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
-from lmforge.config import load_config
+from lmforge.config import load_config, parse_overrides, read_yaml_mapping
+from lmforge.errors import LmforgeError
 from pretrain.config import REPO_ROOT, DeepSpeedSection, RunConfig, TrainConfig, resolve_repo_path
 from pretrain.model import ModelConfig
 
@@ -54,7 +55,7 @@ class PPOConfig:
     reward_run: Path | None = None
     """Reward-model run directory (`lmforge reward`) that scores each rollout."""
     reward_function: str | None = None
-    """A programmatic reward instead: a name in posttrain.rewards (digit_fraction, python_syntax) or module:function."""
+    """A programmatic reward instead: a name in posttrain.reward_functions (digit_fraction, python_syntax) or module:function."""
     monitor_function: str | None = None
     """A programmatic score logged as `monitor` for each rollout batch, not optimised (e.g. python_syntax with a reward model)."""
     critic_from: Literal["auto", "reward", "policy"] = "auto"
@@ -158,6 +159,26 @@ def resolve_posttrain_config_path(name_or_path: str | Path) -> Path:
     return resolve_repo_path(path)
 
 
+# Pretraining's keys that post-training's loops (posttrain/loop.py, posttrain/ppo_trainer.py) do not
+# act on yet: a user who sets one is told, instead of it being silently ignored.
+NOT_YET_SUPPORTED = {
+    "train.max_bad_steps": "the non-finite step guard runs in `lmforge train` only",
+    "train.eval_batches": "post-training evaluates its whole valid split",
+    "run.resume_fallback": "post-training resumes from the checkpoint `latest` names only",
+}
+
+
+def unsupported_keys(data: dict[str, Any], overrides: Sequence[str]) -> list[str]:
+    """One problem per key of NOT_YET_SUPPORTED set in the YAML mapping `data` or in `overrides`."""
+    given = {f"{s}.{k}" for s, v in data.items() if isinstance(v, dict) for k in v}
+    given |= {f"{s}.{k}" for s, v in parse_overrides(overrides).items() for k in v}
+    return [f"{key}: not supported by post-training verbs yet ({why}); remove it"
+            for key, why in NOT_YET_SUPPORTED.items() if key in given]
+
+
 def load_posttrain_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PosttrainConfig:
     """Loads a preset (name or path) with `section.key=value` overrides; one error for all problems."""
-    return load_config(PosttrainConfig, resolve_posttrain_config_path(path) if path is not None else None, overrides)
+    source = resolve_posttrain_config_path(path) if path is not None else None
+    if problems := unsupported_keys(read_yaml_mapping(source) if source is not None else {}, overrides):
+        raise LmforgeError("; ".join(problems))
+    return load_config(PosttrainConfig, source, overrides)

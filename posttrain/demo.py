@@ -23,7 +23,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from data_prep.manifest import MANIFEST_FILE
 from lmforge.errors import LmforgeError, run_cli
+from lmforge.files import write_atomic
+from lmforge.run_layout import CHECKPOINTS_DIR, LATEST_FILE, TOKENIZER_COPY, config_path
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLING = {"max_new_tokens": 32, "temperature": 0.8, "max_prompt_len": 96}
@@ -61,10 +64,10 @@ def sets(**values) -> list[str]:
 
 def pretrain(work: Path, steps: int) -> Path:
     tokenizer, shards, run = work / "tokenizer", work / "shards", work / "pretrain"
-    if not (tokenizer / "tokenizer.model").is_file():
+    if not (tokenizer / TOKENIZER_COPY).is_file():
         lmforge("prep", "tokenizer", "--input", "stdlib", "--vocab-size", "1024", "--output", str(tokenizer))
-    if not (shards / "manifest.json").is_file():
-        lmforge("prep", "shards", "--input", "stdlib", "--tokenizer", str(tokenizer / "tokenizer.model"), "--output", str(shards))
+    if not (shards / MANIFEST_FILE).is_file():
+        lmforge("prep", "shards", "--input", "stdlib", "--tokenizer", str(tokenizer / TOKENIZER_COPY), "--output", str(shards))
     lmforge("train", "--config", "tiny", *sets(
         run__dir=run, data__path=f"[{shards}]", model__d_model=128, model__n_layers=3, model__max_seq_len=256,
         train__seq_len=128, train__micro_batch_size=16, train__max_steps=steps, train__warmup_steps=max(1, steps // 20),
@@ -75,9 +78,9 @@ def pretrain(work: Path, steps: int) -> Path:
 def shard_manifest(pretrained: Path) -> Path:
     from lmforge.config import read_yaml_mapping
 
-    data = read_yaml_mapping(pretrained / "config.yaml").get("data") or {}
+    data = read_yaml_mapping(config_path(pretrained)).get("data") or {}
     paths = data.get("path") or []
-    manifest = Path(paths[0] if isinstance(paths, list) and paths else str(paths)) / "manifest.json"
+    manifest = Path(paths[0] if isinstance(paths, list) and paths else str(paths)) / MANIFEST_FILE
     if not manifest.is_file():
         raise LmforgeError(f"{pretrained}: its shards' manifest.json was not found ({manifest}); "
                            "the demo needs a run pretrained on `lmforge prep shards --input stdlib`")
@@ -87,11 +90,11 @@ def shard_manifest(pretrained: Path) -> Path:
 def load_model(run_dir: Path):
     from data_prep.tokenizer import Tokenizer
     from posttrain.job import load_weights, run_model_config, run_tokenizer_path
-    from pretrain.checkpoint import consolidated_state_dict
     from pretrain.model import Transformer
+    from pretrain.run_weights import run_state_dict
 
     model = Transformer(run_model_config(run_dir))
-    state, tag = consolidated_state_dict(run_dir)
+    state, tag = run_state_dict(run_dir)
     load_weights(model, state, f"{run_dir} {tag}")
     return model.eval(), Tokenizer.load(run_tokenizer_path(run_dir))
 
@@ -115,12 +118,12 @@ def make_data(work: Path, pretrained: Path, args: argparse.Namespace) -> dict:
     stats = {"train_prompts": len(train), "eval_prompts": len(split.held_out), "pairs": len(pairs),
              "pretrained_on_train_prompts": validity(train, completions).as_dict()}
     write_jsonl(data / "samples.jsonl", [{"prompt": p, "completions": c} for p, c in zip(train[:50], completions[:50])])
-    stats_path.write_text(json.dumps(stats, indent=2))
+    write_atomic(stats_path, json.dumps(stats, indent=2))
     return stats
 
 
 def finished(run_dir: Path) -> bool:
-    return (run_dir / "checkpoints" / "latest").is_file()
+    return (run_dir / CHECKPOINTS_DIR / LATEST_FILE).is_file()
 
 
 def align(work: Path, pretrained: Path) -> None:
@@ -174,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = {"sampling": SAMPLING, "samples_per_prompt": args.samples, "data": stats,
                "reward_model": reward_accuracy(work), "held_out": results,
                "seconds": round(time.perf_counter() - started, 1)}
-    (work / "results.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(work / "results.json", json.dumps(summary, indent=2))
     print("\nvalid Python completions of held-out stdlib function prefixes "
           f"({stats['eval_prompts']} prompts × {args.samples} samples, T={SAMPLING['temperature']}):")
     print("| model | valid rate | valid code lines / completion | chars / completion |")

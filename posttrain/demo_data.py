@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from lmforge.files import write_atomic
 from posttrain.pysyntax import FunctionPrompt, completion_is_valid, function_prompts, valid_code_lines
 from posttrain.rollout import sample
 from posttrain.template import render_prompt
@@ -37,7 +38,9 @@ def stdlib_prompt_split(manifest_path: Path, train_count: int, held_out_count: i
     from data_prep.corpus import stdlib_files
     from data_prep.shards import is_valid_document
 
-    options = json.loads(Path(manifest_path).read_text())["options"]
+    from data_prep.manifest import load_manifest
+
+    options = load_manifest(Path(manifest_path).parent).options
     rng = random.Random(seed)
     files = stdlib_files()
     rng.shuffle(files)
@@ -64,9 +67,7 @@ def stdlib_prompt_split(manifest_path: Path, train_count: int, held_out_count: i
 
 def write_jsonl(path: Path, records: Sequence[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 @torch.no_grad()

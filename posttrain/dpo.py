@@ -7,22 +7,17 @@ and the implicit-reward accuracy (share of pairs whose chosen reward is higher),
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from lmforge import distributed
 from lmforge.errors import run_cli
 from posttrain.batches import ExampleOrder, PairBatch, eval_chunks, pair_batch
 from posttrain.job import Job, build_initial
 from posttrain.losses import dpo_loss, sequence_logprobs
 from posttrain.preferences import PreferenceData, load_preference_data
 from posttrain.verb import SupervisedVerb, run_supervised_verb
-from pretrain import distributed
 from pretrain.model import Transformer
 
 
@@ -67,7 +62,7 @@ class DPOStep:
 
 def make_step(job: Job, engine, data: PreferenceData, info: distributed.DistributedInfo) -> DPOStep:
     """The step, with the frozen reference: the same starting weights as the policy."""
-    from posttrain.engine import build_frozen
+    from posttrain.frozen_models import build_frozen
 
     reference = build_frozen(build_initial(job.config, Transformer), job.ds_config, job.config.dpo.reference, info.device)
     return DPOStep(job, engine, reference, data, info)

@@ -23,26 +23,9 @@ class ScalarHeadModel(nn.Module):
         if not config.tied:
             self.lm.lm_head.weight.requires_grad_(False)
 
-    # The training engine configures activation checkpointing on `model.config` / `model.checkpoint_fn`.
     @property
     def config(self) -> ModelConfig:
         return self.lm.config
-
-    @property
-    def checkpoint_fn(self):
-        return self.lm.checkpoint_fn
-
-    @checkpoint_fn.setter
-    def checkpoint_fn(self, value) -> None:
-        self.lm.checkpoint_fn = value
-
-    @property
-    def checkpoint_every(self) -> int:
-        return self.lm.checkpoint_every
-
-    @checkpoint_every.setter
-    def checkpoint_every(self, value: int) -> None:
-        self.lm.checkpoint_every = value
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.lm.hidden_states(tokens)).squeeze(-1).float()

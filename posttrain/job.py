@@ -5,7 +5,6 @@ group exists), then load starting weights and save config.yaml + tokenizer.model
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,17 +13,19 @@ from typing import Any, Sequence
 import torch
 
 from lmforge.config import save_config
+from lmforge.distributed import bf16_supported, launcher_world_size
 from lmforge.errors import LmforgeError
+from lmforge.files import write_atomic
 from posttrain.config import PosttrainConfig
 from posttrain.heads import ScalarHeadModel
 from pretrain import checkpoint
 from pretrain.config import TrainConfig, resolve_repo_path
-from pretrain.distributed import bf16_supported, launcher_world_size
 from pretrain.ds_config import build_deepspeed_config
 from pretrain.model import ModelConfig, Transformer
 from pretrain.run_checks import check_run_dir
 # Reading any run (pretrain, import-hf, post-training) is pretrain.run_dir's; posttrain's callers import these from here too.
-from pretrain.run_dir import TOKENIZER_COPY, run_model_config, run_tokenizer_path  # noqa: F401
+from lmforge.run_layout import TOKENIZER_COPY, config_path
+from pretrain.run_dir import run_model_config, run_tokenizer_path  # noqa: F401
 
 
 def parse_args(verb: str, description: str, default_config: str, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -93,7 +94,7 @@ def prepare_job(config: PosttrainConfig, world_size: int, train: TrainConfig | N
 def start_ranks(job: Job, train: TrainConfig | None = None):
     """Creates run.dir (the last check: after the verb's data was read) and the process group; returns
     (job, DistributedInfo), the job re-merged if MPI only now told the world size."""
-    from pretrain import distributed
+    from lmforge import distributed
 
     check_run_dir(job.config.run.dir)
     info = distributed.init_distributed()
@@ -124,7 +125,7 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source
 
 def starting_state(run_dir: Path, tag: str | None) -> tuple[dict[str, torch.Tensor], str]:
     """fp32 weights of a run's checkpoint (any ZeRO stage; a reward model's too) and the tag read."""
-    from pretrain.eval_checkpoint import run_state_dict
+    from pretrain.run_weights import run_state_dict
 
     return run_state_dict(run_dir, checkpoint.step_of_tag(tag) if tag else None)
 
@@ -144,10 +145,8 @@ def save_run_files(job: Job, main: bool) -> None:
     if not main:
         return
     run_dir = job.config.run.dir
-    save_config(job.config, run_dir / "config.yaml")
+    save_config(job.config, config_path(run_dir))
     target = run_dir / TOKENIZER_COPY
     source = Path(job.config.init.tokenizer)
     if source.resolve() != target.resolve():
-        tmp = target.with_name(f".{TOKENIZER_COPY}.tmp{os.getpid()}")
-        shutil.copyfile(source, tmp)
-        tmp.replace(target)
+        write_atomic(target, lambda temp: shutil.copyfile(source, temp))

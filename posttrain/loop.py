@@ -11,9 +11,10 @@ from typing import Any, Callable
 
 import torch
 
+from lmforge import distributed
 from lmforge.errors import LmforgeError
 from posttrain.job import Job, save_run_files
-from pretrain import checkpoint, distributed
+from pretrain import checkpoint
 from pretrain.metrics import MetricsWriter, memory_gb
 
 MicroLoss = Callable[[int, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]

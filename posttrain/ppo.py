@@ -10,98 +10,15 @@ RUN_DIR/metrics.jsonl; the actor's checkpoints to RUN_DIR/checkpoints, the criti
 """
 from __future__ import annotations
 
-import sys
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lmforge.errors import LmforgeError, run_cli
-from posttrain.config import PosttrainConfig, load_posttrain_config
-from posttrain.formats import PROMPT_SHAPE, parse_prompt, split_records
-from posttrain.job import Job, parse_args, prepare_job, run_model_config, run_tokenizer_path, start_ranks
-from posttrain.template import render_prompt
-from pretrain import distributed
-from pretrain.config import TrainConfig, resolve_repo_path
-from pretrain.distributed import bf16_supported, launcher_world_size
-from pretrain.ds_config import build_deepspeed_config
-
-
-def updates_per_iteration(config: PosttrainConfig) -> int:
-    t, p = config.train, config.ppo
-    return p.epochs * (p.rollout_batch_size // (t.micro_batch_size * t.grad_accum_steps))
-
-
-def actor_train_section(config: PosttrainConfig) -> TrainConfig:
-    """train.* with max_steps/warmup_steps in optimizer steps (the YAML counts PPO iterations), for DeepSpeed's schedule."""
-    n = max(1, updates_per_iteration(config))
-    t = config.train
-    return replace(t, max_steps=t.max_steps * n, warmup_steps=t.warmup_steps * n)
-
-
-def critic_train_section(config: PosttrainConfig) -> TrainConfig:
-    actor = actor_train_section(config)
-    lr = config.ppo.critic_lr
-    return replace(actor, lr=lr, min_lr=lr * actor.min_lr / actor.lr)
-
-
-@dataclass(frozen=True)
-class PPOJob:
-    job: Job
-    critic_ds_config: dict[str, Any]
-    prompts: list[list[int]]
-    reward_model_config: Any
-    """The reward run's ModelConfig, or None with a reward function."""
-
-
-def check_ppo(config: PosttrainConfig) -> list[str]:
-    p, t = config.ppo, config.train
-    found = []
-    if (p.reward_run is None) == (p.reward_function is None):
-        found.append("ppo.reward_run and ppo.reward_function: set exactly one (a reward-model run, or a programmatic reward)")
-    if p.rollout_batch_size % (t.micro_batch_size * t.grad_accum_steps):
-        found.append(f"ppo.rollout_batch_size = {p.rollout_batch_size}: must be a multiple of train.micro_batch_size × "
-                     f"train.grad_accum_steps = {t.micro_batch_size * t.grad_accum_steps}")
-    if p.critic_from == "reward" and p.reward_run is None:
-        found.append("ppo.critic_from = 'reward' needs ppo.reward_run; use 'policy' with a reward function")
-    if config.data.train is None:
-        found.append("data.train is required: a JSONL file of " + PROMPT_SHAPE)
-    return found
-
-
-def prepare_ppo(config: PosttrainConfig, world_size: int) -> PPOJob:
-    """Every check before any process group: config, prompts, reward run and its tokenizer, both DeepSpeed JSONs."""
-    from data_prep.tokenizer import Tokenizer
-    from posttrain.rewards import resolve_reward_function
-
-    if problems := check_ppo(config):
-        raise LmforgeError("; ".join(problems))
-    job = prepare_job(config, world_size, actor_train_section(config))
-    cfg = job.config
-    total = cfg.data.max_prompt_len + cfg.ppo.max_new_tokens
-    if total > cfg.model.max_seq_len:
-        raise LmforgeError(f"data.max_prompt_len + ppo.max_new_tokens = {total}: must not exceed model.max_seq_len = "
-                           f"{cfg.model.max_seq_len}")
-    reward_config = None
-    if cfg.ppo.reward_run is not None:
-        reward_run = resolve_repo_path(cfg.ppo.reward_run)
-        reward_config = run_model_config(reward_run)
-        if Tokenizer.load(run_tokenizer_path(reward_run)).fingerprint != job.tokenizer.fingerprint:
-            raise LmforgeError(f"ppo.reward_run = {reward_run}: trained with another tokenizer than the policy's "
-                               f"({cfg.init.tokenizer})")
-        job = replace(job, config=replace(cfg, ppo=replace(cfg.ppo, reward_run=reward_run)))
-    else:
-        resolve_reward_function(cfg.ppo.reward_function)
-    if cfg.ppo.monitor_function is not None:
-        resolve_reward_function(cfg.ppo.monitor_function, "ppo.monitor_function")
-    records, _ = split_records(cfg.data.train, None, 0.0, parse_prompt, PROMPT_SHAPE)
-    prompts = [render_prompt(job.tokenizer, p, cfg.data.max_prompt_len) for p in records]
-    critic_ds = build_deepspeed_config(resolve_repo_path(cfg.deepspeed.config), critic_train_section(cfg), world_size,
-                                       bf16_supported())
-    return PPOJob(job, critic_ds, prompts, reward_config)
+from lmforge import distributed
+from lmforge.distributed import launcher_world_size
+from lmforge.errors import run_cli
+from posttrain.config import load_posttrain_config
+from posttrain.job import parse_args, start_ranks
+from posttrain.ppo_job import actor_train_section, prepare_ppo
 
 
 def main(argv: Sequence[str] | None = None) -> int:

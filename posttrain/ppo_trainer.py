@@ -7,21 +7,22 @@ from typing import Any
 import torch
 
 from posttrain.batches import ExampleOrder
-from posttrain.engine import build_frozen, weight_dtype
+from posttrain.frozen_models import build_frozen, weight_dtype
 from posttrain.heads import ScalarHeadModel
 from posttrain.job import build_initial, load_weights, save_run_files, starting_state
 from posttrain.loop import mean_over_ranks
 from posttrain.losses import (KLController, RunningMoments, clipped_policy_loss, clipped_value_loss,
                               entropy_from_logits, masked_mean, token_logprobs)
-from posttrain.ppo import PPOJob
-from posttrain.rewards import call_reward_function, resolve_reward_function
+from lmforge import distributed
+from lmforge.run_layout import CRITIC_DIR
+from posttrain.ppo_job import PPOJob
+from posttrain.reward_functions import call_reward_function, resolve_reward_function
 from posttrain.rollout import Experience, Samples, experience_stats, make_experience, response_slice, sample, score_with_model
-from pretrain import checkpoint, distributed
+from pretrain import checkpoint
 from pretrain.engine import build_engine
 from pretrain.metrics import MetricsWriter, memory_gb
 from pretrain.model import Transformer
 
-CRITIC_DIR = "critic"
 
 
 def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:

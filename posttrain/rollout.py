@@ -12,9 +12,9 @@ from typing import Callable
 
 import torch
 
+from lmforge import distributed
 from posttrain.heads import last_token_scores
 from posttrain.losses import gae, masked_mean, masked_whiten, token_logprobs
-from pretrain import distributed
 from pretrain.model import KVCache, ModelConfig
 from pretrain.sampling import filter_logits
 

@@ -6,17 +6,13 @@ runs under torchrun / deepspeed / mpirun / srun like `lmforge train`.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
 
+from lmforge import distributed
 from lmforge.errors import LmforgeError, run_cli
 from posttrain.batches import EvalChunk, ExampleOrder, eval_chunks, lm_inputs_and_targets, pack
 from posttrain.formats import SFT_SHAPE, parse_sft, split_records
@@ -24,7 +20,6 @@ from posttrain.job import Job
 from posttrain.losses import sft_loss
 from posttrain.template import Rendered, render_sft
 from posttrain.verb import SupervisedVerb, run_supervised_verb
-from pretrain import distributed
 from pretrain.model import Transformer, token_cross_entropy
 
 

@@ -11,10 +11,10 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from lmforge import distributed
+from lmforge.distributed import DistributedInfo, launcher_world_size
 from posttrain.config import load_posttrain_config
 from posttrain.job import Job, build_initial, parse_args, prepare_job, start_ranks
-from pretrain import distributed
-from pretrain.distributed import DistributedInfo, launcher_world_size
 
 
 class TrainingStep(Protocol):

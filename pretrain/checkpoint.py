@@ -20,18 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge import distributed
 from lmforge.errors import LmforgeError
-from pretrain import distributed, faults
+from lmforge.files import write_atomic
+from lmforge.run_layout import CHECKPOINTS_DIR, COMPLETE_MARKER, DAMAGED_MARKER, LATEST_FILE  # noqa: F401 (re-exported)
+from pretrain import faults
 
-COMPLETE_MARKER = "COMPLETE"
-DAMAGED_MARKER = "DAMAGED"
-LATEST_FILE = "latest"
 RECORD_VERSION = 1
 TAG_PATTERN = re.compile(r"step_(\d+)")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def tag_for_step(step: int) -> str:
@@ -40,15 +40,6 @@ def tag_for_step(step: int) -> str:
 
 def step_of_tag(tag: str) -> int:
     return int(tag.removeprefix("step_"))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -122,7 +113,7 @@ def _my_share(names: list[str]) -> list[str]:
 
 
 def _file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
-    from data_prep.files import sha256_file
+    from lmforge.files import sha256_file
 
     names = sorted(p.name for p in folder.iterdir() if p.is_file())
     mine = {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)} for name in _my_share(names)}
@@ -217,7 +208,7 @@ def damage(run_dir: Path, tag: str) -> list[str]:
 
     Every rank checks a share of the files (sizes, then sha256) and all get the full list.
     """
-    from data_prep.files import sha256_file
+    from lmforge.files import sha256_file
 
     folder = checkpoints_dir(run_dir) / tag
     files = read_record(folder).get("files", {})

@@ -152,7 +152,7 @@ def activation_checkpoint_every(ds_config: dict[str, Any], n_layers: int) -> int
 
 
 def guards_on_device(ds_config: dict[str, Any]) -> bool:
-    """True when pretrain.numerics guards a step on the device, with no host synchronisation:
+    """True when pretrain.guarded_step guards a step on the device, with no host synchronisation:
     torch's fused Adam/AdamW (`"torch_adam": true, "fused": true`), bf16 autocast or fp32 (no loss
     scaler), no offload, no pipeline, and at ZeRO-0 no DeepSpeed bf16 optimizer wrapper."""
     optimizer = ds_config.get("optimizer") or {}

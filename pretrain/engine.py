@@ -1,4 +1,4 @@
-"""Wraps the plain model in a DeepSpeed engine: parameter groups, activation checkpointing, compile.
+"""Wraps the plain model in a DeepSpeed engine: parameter groups, activation checkpointing (pretrain/activation_checkpointing.py), compile.
 
 With DeepSpeed's `pipeline.stages` > 1 in the JSON (filled from `parallel.pipeline_stages` by
 `pretrain.pipeline.configure_pipeline`) the engine is DeepSpeed's PipelineEngine over the same
@@ -7,14 +7,13 @@ model's modules (pretrain/pipeline.py); the functions below work for both.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from functools import partial
 from typing import Any, Callable
 
 import deepspeed
 import torch
-import torch.utils.checkpoint
 
-from pretrain.ds_config import activation_checkpoint_every, guards_on_device, zero_stage_of
+from pretrain.activation_checkpointing import apply_activation_checkpointing
+from pretrain.ds_config import guards_on_device, zero_stage_of
 from pretrain.model import Transformer
 from pretrain.pipeline import build_pipeline_module, pipeline_stages_of
 
@@ -37,25 +36,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     ]
 
 
-def configure_activation_checkpointing(model: Transformer, ds_config: dict[str, Any]) -> None:
-    """Recompute every k-th block's activations in backward when the JSON asks for it.
-
-    Torch's non-reentrant checkpoint is used (it composes with torch.compile and ZeRO-3); with
-    DeepSpeed's `partition_activations` or `cpu_checkpointing` on, DeepSpeed's own checkpoint is.
-    """
-    every = activation_checkpoint_every(ds_config, model.config.n_layers)
-    if every is None:
-        model.checkpoint_fn = None
-        return
-    section = ds_config["activation_checkpointing"]
-    if section.get("partition_activations") or section.get("cpu_checkpointing"):
-        deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
-        model.checkpoint_fn = deepspeed.checkpointing.checkpoint
-    else:
-        model.checkpoint_fn = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-    model.checkpoint_every = every
-
-
 def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool,
                  guard_clips: bool = False, compile_scope: str = "model"):
     """Returns the DeepSpeed engine (optimizer and WarmupCosineLR scheduler from the JSON).
@@ -66,7 +46,7 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     ds_configs/zero3.json) is compiled by the engine instead, as DeepCompile requires:
     4.2x faster than the hooks path for ZeRO-3 on one H200.
     A pipelined config builds this rank's stage only (other stages' weights are released).
-    `guard_clips`: the caller steps through pretrain.numerics.GuardedStep, which at ZeRO-0 with the
+    `guard_clips`: the caller steps through pretrain.guarded_step.GuardedStep, which at ZeRO-0 with the
     device guard (pretrain.ds_config.guards_on_device) clips to the JSON's gradient_clipping itself,
     so DeepSpeed's clipping is off.
     """
@@ -74,9 +54,9 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
         return _build_pipeline_engine(model, ds_config, weight_decay, compile_model)
     if guard_clips and guards_on_device(ds_config) and zero_stage_of(ds_config) == 0:
         # DeepSpeed's ZeRO-0 clipping reads two scalars back from the GPU every step; with the
-        # device guard, pretrain.numerics clips (to the same gradient_clipping) without waiting.
+        # device guard, pretrain.guarded_step clips (to the same gradient_clipping) without waiting.
         ds_config = {**ds_config, "gradient_clipping": 0.0}
-    configure_activation_checkpointing(model, ds_config)
+    apply_activation_checkpointing(model, ds_config)
     deepcompile = bool(ds_config.get("compile", {}).get("deepcompile"))
     if compile_model and not deepcompile:
         compile_in_place(model, compile_scope)

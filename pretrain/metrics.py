@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from lmforge.files import write_atomic
+from lmforge.run_layout import TENSORBOARD_DIR, metrics_path
 # Dense bf16 peak of the chips we run on, by the vendor's datasheet (flop/s).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
 
@@ -39,7 +41,7 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = metrics_path(run_dir)
         self.tb = None
         if not enabled:
             return
@@ -47,15 +49,13 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None)
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         """Appends one line; a NaN or infinite value is written as null (strict JSON)."""
@@ -76,5 +76,5 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = metrics_path(run_dir)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -234,9 +234,6 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        # Set by the training engine: wraps a block call to recompute its activations in backward.
-        self.checkpoint_fn: Callable | None = None
-        self.checkpoint_every: int = 1
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -264,11 +261,8 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(torch.arange(start, start + T, device=tokens.device))
         x = self.drop(x)
         rope = self._rope(start, T)
-        for i, block in enumerate(self.blocks):
-            if self.checkpoint_fn is not None and self.training and i % self.checkpoint_every == 0:
-                x = self.checkpoint_fn(block, x, rope)
-            else:
-                x = block(x, rope, cache)
+        for block in self.blocks:
+            x = block(x, rope, cache)
         if cache is not None:
             cache.length += T
         return self.final_norm(x)

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import copy
 import re
-from functools import partial
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from lmforge.errors import LmforgeError
+from pretrain.activation_checkpointing import checkpoint_function
 from pretrain.config import ParallelConfig
 from pretrain.ds_config import activation_checkpoint_every, zero_stage_of
 from pretrain.model import Block, ModelConfig, Transformer, token_cross_entropy
@@ -239,17 +238,6 @@ def pipeline_metrics(ds_config: dict[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- engine side
 
-def _checkpoint_function(ds_config: dict[str, Any]):
-    """As the plain engine: torch's non-reentrant checkpoint, DeepSpeed's when it partitions or offloads."""
-    import deepspeed
-
-    section = ds_config.get("activation_checkpointing") or {}
-    if section.get("partition_activations") or section.get("cpu_checkpointing"):
-        deepspeed.checkpointing.configure(None, deepspeed_config=ds_config)
-        return deepspeed.checkpointing.checkpoint
-    return partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
-
-
 def release_other_stages(model: Transformer, local: nn.Module) -> None:
     """Turns the parameters this stage does not hold into meta tensors (shapes kept: num_params stays right)."""
     keep = {id(p) for p in local.parameters()}
@@ -293,7 +281,7 @@ def build_pipeline_module(model: Transformer, ds_config: dict[str, Any]):
     module = _pipeline_module_class()(
         layers, num_stages=pipeline_stages_of(ds_config), loss_fn=mean_token_loss,
         partition_method=section["partition"], activation_checkpoint_interval=interval,
-        activation_checkpoint_func=_checkpoint_function(ds_config), checkpointable_layers=["BlockLayer"],
+        activation_checkpoint_func=checkpoint_function(ds_config), checkpointable_layers=["BlockLayer"],
     )
     assert list(module.parts) == stage_bounds(layers, module.num_stages, section["partition"]), "preflight partition differs"
     release_other_stages(model, module)

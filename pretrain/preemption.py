@@ -4,7 +4,7 @@ SLURM sends SIGTERM before it kills a preempted or cancelled job, and the signal
 `#SBATCH --signal` (launch/slurm/ uses USR1) before the time limit; torchrun forwards SIGTERM
 to its workers. The handler only records the signal: a save inside a signal handler would run
 at an arbitrary point of the step on one rank. The training loop reads `requested` at each step
-boundary and all ranks agree on it in one all-reduce (pretrain.numerics), so a signal that
+boundary and all ranks agree on it in one all-reduce (pretrain.guarded_step), so a signal that
 reaches one rank stops them all at the same step.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ sha256, a share per rank) and its model section against the config. A missing or
 a one-line error naming it; only with `run.resume_fallback` (`--resume-fallback`) does the run
 go back to the newest intact older checkpoint, marking the damaged one and pointing `latest` at
 the one it used. A checkpoint saved on another number of data-parallel ranks is loaded through
-DeepSpeed's universal format (pretrain.elastic).
+DeepSpeed's universal format (pretrain.universal_checkpoint).
 """
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge import distributed
 from lmforge.config import config_to_dict
 from lmforge.errors import LmforgeError
-from pretrain import checkpoint, distributed, elastic
+from pretrain import checkpoint, universal_checkpoint
 from pretrain.checkpoint import COMPLETE_MARKER, LATEST_FILE, checkpoints_dir
 
 FALLBACK_HINT = "pass --resume-fallback (or --set run.resume_fallback=true)"
@@ -105,11 +106,11 @@ def plan(config, data_parallel_size: int, zero_stage: int) -> ResumePoint | None
         raise LmforgeError(f"{folder}: written with parallel.pipeline_stages = {saved_stages}, the config says "
                            f"{config.parallel.pipeline_stages}; resume with the stages it was saved with")
     load_dir = None
-    if elastic.needs_universal(record, data_parallel_size, zero_stage, folder):
+    if universal_checkpoint.needs_universal(record, data_parallel_size, zero_stage, folder):
         if saved_stages > 1:
             raise LmforgeError(f"{folder}: a pipelined checkpoint of {record['data_parallel_size']} data-parallel replicas "
                                f"cannot be resumed on {data_parallel_size}; resume on as many replicas")
-        load_dir = elastic.universal_copy(folder)
+        load_dir = universal_checkpoint.universal_copy(folder)
     return ResumePoint(tag, record, load_dir)
 
 

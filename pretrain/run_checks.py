@@ -24,7 +24,7 @@ def verify_shards(data: DataConfig) -> None:
 def open_datasets(data: DataConfig, seq_len: int, seed: int) -> None:
     """Opens the shards as training will (index against .bin: dtype, sizes, windows), so a shard set that
     passes its checksums but cannot be read fails before run.dir exists."""
-    from pretrain.data_source import TrainingData
+    from pretrain.rank_batches import TrainingData
 
     TrainingData(data, seq_len, seed, 0, 1)
 
@@ -51,7 +51,7 @@ def check_disk_space(run_dir: Path, model: ModelConfig, keep_last: int) -> None:
 
     A run.dir that does not exist yet is measured at its nearest existing parent, so nothing is
     created for a run that cannot fit."""
-    from launch.checkpoint_space import BYTES_PER_PARAM, CheckpointSpace, checkpoint_space, human_bytes
+    from pretrain.checkpoint_space import BYTES_PER_PARAM, CheckpointSpace, checkpoint_space, human_bytes
 
     params = parameter_count(model)
     if run_dir.is_dir():

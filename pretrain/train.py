@@ -9,29 +9,26 @@ SIGUSR1 saves one at the next step boundary and exits 0 (docs/reliability.md).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Sequence
-
-if __package__ in (None, ""):  # `deepspeed pretrain/train.py` runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from lmforge import distributed
 from lmforge.config import save_config
+from lmforge.distributed import bf16_supported, launcher_world_size
 from lmforge.errors import LmforgeError, run_cli
-from pretrain import checkpoint, distributed, faults, resume, run_checks
+from lmforge.run_layout import config_path
+from pretrain import checkpoint, faults, resume, run_checks
 from pretrain.config import PretrainConfig, load_pretrain_config, resolve_repo_path
-from pretrain.data_source import BatchPrefetcher, TrainingData, check_data
-from pretrain.distributed import bf16_supported, launcher_world_size
 from pretrain.ds_config import build_deepspeed_config, guards_on_device, precision_of, zero_stage_of
+from pretrain.guarded_step import GuardedStep, PendingStep
 from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation
 from pretrain.model import Transformer
-from pretrain.numerics import GuardedStep, PendingStep
 from pretrain.pipeline import configure_pipeline, data_parallel_size, pipeline_metrics
 from pretrain.preemption import PreemptionSignals
+from pretrain.rank_batches import BatchPrefetcher, TrainingData, check_data
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -85,7 +82,7 @@ class Trainer:
                                         zero_stage_of(self.ds_config))
         ds_config = self.ds_config
         if self.resume_point is not None and self.resume_point.load_dir is not None:
-            from pretrain.elastic import with_universal_loading
+            from pretrain.universal_checkpoint import with_universal_loading
 
             ds_config = with_universal_loading(ds_config)
         torch.manual_seed(train.seed)
@@ -166,7 +163,7 @@ class Trainer:
         cfg, train = self.config, self.config.train
         main = distributed.is_main()
         if main:
-            save_config(cfg, cfg.run.dir / "config.yaml")
+            save_config(cfg, config_path(cfg.run.dir))
         metrics = MetricsWriter(cfg.run.dir, main, cfg.run.tensorboard, self.step)
         self.stopped_by: str | None = None
         bar = None

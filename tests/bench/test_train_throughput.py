@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_dry_run_prints_one_table_and_writes_the_same_as_json(tmp_path):
     out = tmp_path / "table.json"
     result = subprocess.run(
-        [sys.executable, "bench/train_throughput.py", "--dry-run", "--variants", "baseline,zero0,zero2:ckpt", "--json", str(out)],
+        [sys.executable, "-m", "bench.train_throughput", "--dry-run", "--variants", "baseline,zero0,zero2:ckpt", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

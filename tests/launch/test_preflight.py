@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.checkpoint_space import human_bytes
+from pretrain.checkpoint_space import human_bytes
 from pretrain.model import ModelConfig, Transformer
 from tests.launch.launch_runs import REPO, launch_env, tiny_train_args
 

@@ -15,7 +15,7 @@ import pytest
 from tests.pretrain.training_runs import run_env, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("lmforge", "data_prep", "pretrain", "posttrain", "launch", "bench")
+PACKAGES = ("lmforge", "data_prep", "pretrain", "posttrain", "run_tools", "launch", "bench")
 SHELL_SCRIPTS = (".ci/run", "launch/*.sh", "launch/slurm/*.sh", "launch/slurm/*.sbatch", "bench/*.sh")
 
 

@@ -7,7 +7,7 @@ import yaml
 from lmforge.errors import LmforgeError
 from posttrain.config import load_posttrain_config
 from posttrain.job import prepare_job
-from posttrain.ppo import actor_train_section, critic_train_section, prepare_ppo
+from posttrain.ppo_job import actor_train_section, critic_train_section, prepare_ppo
 
 PRESETS = sorted((Path(__file__).resolve().parents[2] / "configs" / "posttrain").glob("*.yaml"))
 
@@ -88,3 +88,17 @@ def test_ppo_counts_iterations_but_deepspeed_schedules_optimizer_steps(tiny_corp
     with pytest.raises(LmforgeError, match="ppo.rollout_batch_size = 12: must be a multiple") as err:
         prepare_ppo(bad, world_size=1)
     assert "set exactly one" in str(err.value)  # every problem in one message: the preset also names a reward_run
+
+
+@pytest.mark.parametrize("key, value", [("train.max_bad_steps", "2"), ("train.eval_batches", "8"),
+                                        ("run.resume_fallback", "true")])
+def test_pretraining_keys_post_training_ignores_are_refused_in_one_line(key, value, tmp_path):
+    with pytest.raises(LmforgeError) as err:
+        load_posttrain_config("sft", [f"{key}={value}"])
+    assert str(err.value).startswith(f"{key}: not supported by post-training verbs yet (")
+    assert "\n" not in str(err.value)
+    preset = tmp_path / "mine.yaml"
+    section, name = key.split(".")
+    preset.write_text(yaml.safe_dump({section: {name: yaml.safe_load(value)}}))
+    with pytest.raises(LmforgeError, match=rf"^{key}: not supported by post-training verbs yet"):
+        load_posttrain_config(preset)

@@ -12,14 +12,15 @@ import torch
 
 from lmforge.errors import run_cli
 from posttrain.job import starting_state
-from pretrain import checkpoint, evaluate, export_hf, generate
+from pretrain import checkpoint
+from run_tools import evaluate, export_hf, generate
 from pretrain.dataset import PackedDataset
-from pretrain.eval_checkpoint import load_checked_model
+from run_tools.run_config import load_checked_model
 from tests.posttrain.runs import run_ok, tiny_model_sets, write_jsonl
 from tests.posttrain.synthetic import prompts, separable_pairs
 from tests.posttrain.test_sft import sft_examples
-from tests.pretrain.test_evaluate import direct_loss, run_eval
-from tests.pretrain.test_export_hf import HF_SIDE, HOSTILE_TEXTS, clean_env, greedy
+from tests.run_tools.test_evaluate import direct_loss, run_eval
+from tests.run_tools.test_export_hf import HF_SIDE, HOSTILE_TEXTS, clean_env, greedy
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 12

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from posttrain.demo_data import preference_pairs, validity
 from posttrain.pysyntax import completion_is_valid, function_prompts, valid_code_lines
-from posttrain.rewards import python_syntax
+from posttrain.reward_functions import python_syntax
 
 PROMPT = "def area(width, height):\n    if width < 0:\n        raise ValueError(width)\n"
 

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
+from lmforge.errors import LmforgeError
 from posttrain.heads import ScalarHeadModel, last_token_scores
 from posttrain.losses import token_logprobs
-from posttrain.rewards import digit_fraction, resolve_reward_function
+from posttrain.reward_functions import digit_fraction, resolve_reward_function
 from posttrain.rollout import make_experience, reward_model_inputs, sample
 from pretrain.model import ModelConfig, Transformer
-from lmforge.errors import LmforgeError
 
 EOD, PAD = 3, 0
 CONFIG = ModelConfig(vocab_size=40, n_layers=1, n_heads=2, d_model=16, max_seq_len=64)
@@ -88,11 +88,11 @@ def test_reward_model_reads_the_prompt_and_response_without_left_padding():
 def test_reward_functions_resolve_by_name_or_module_path():
     assert digit_fraction(["p", "p", "p"], ["12 ab", "", "x"]) == [0.5, 0.0, 0.0]
     assert resolve_reward_function("digit_fraction") is digit_fraction
-    assert resolve_reward_function("posttrain.rewards:digit_fraction") is digit_fraction
+    assert resolve_reward_function("posttrain.reward_functions:digit_fraction") is digit_fraction
     with pytest.raises(LmforgeError, match="ppo.reward_function = 'nope'"):
         resolve_reward_function("nope")
     with pytest.raises(LmforgeError, match="cannot import"):
-        resolve_reward_function("posttrain.rewards:nope")
+        resolve_reward_function("posttrain.reward_functions:nope")
 
 
 def test_token_logprobs_divide_by_the_sampling_temperature():

@@ -12,7 +12,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pretrain import distributed
+from lmforge import distributed
 from pretrain.config import load_pretrain_config
 from pretrain.train import Trainer, prepare
 

@@ -109,7 +109,7 @@ def test_resume_from_a_pipelined_checkpoint_repeats_the_same_losses(runs, tmp_pa
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_pipelined_checkpoint_loads_as_the_plain_models_weights_and_logits(arch, runs):
-    from pretrain.eval_checkpoint import load_checked_model
+    from run_tools.run_config import load_checked_model
 
     plain_model, _, _ = load_checked_model(runs.plain(arch))
     piped_model, config, tag = load_checked_model(runs.piped(arch))
@@ -125,8 +125,8 @@ def test_pipelined_checkpoint_loads_as_the_plain_models_weights_and_logits(arch,
 def test_export_hf_of_a_pipelined_checkpoint_gives_its_logits(runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pretrain.eval_checkpoint import load_checked_model
-    from pretrain.export_hf import export
+    from run_tools.export_hf import export
+    from run_tools.run_config import load_checked_model
 
     run_dir = runs.piped("llama")
     export(run_dir, tmp_path / "hf")

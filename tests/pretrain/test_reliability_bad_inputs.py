@@ -17,8 +17,8 @@ from typing import Callable
 import pytest
 import torch
 
-from data_prep.files import sha256_file
 from lmforge.cli import VERBS
+from lmforge.files import sha256_file
 from tests.pretrain.training_runs import REPO, run_env, run_training
 
 TINY = ["--set", "model.n_layers=2", "--set", "model.d_model=32", "--set", "model.n_heads=4", "--set", "model.n_kv_heads=2",

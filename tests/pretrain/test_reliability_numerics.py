@@ -10,7 +10,7 @@ import torch
 
 from pretrain import faults
 from pretrain.config import REPO_ROOT
-from pretrain.eval_checkpoint import run_state_dict
+from pretrain.run_weights import run_state_dict
 from tests.pretrain.training_runs import REPO, run_env, tiny_overrides, training_command
 
 pytestmark = pytest.mark.slow

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from pretrain import checkpoint, elastic, faults, resume, run_checks
+from pretrain import checkpoint, universal_checkpoint, faults, resume, run_checks
 from pretrain.config import PretrainConfig
+from pretrain.guarded_step import GuardedStep, StepOutcome
 from pretrain.metrics import MetricsWriter, read_metrics
 from pretrain.model import ModelConfig
-from pretrain.numerics import GuardedStep, StepOutcome
 from pretrain.preemption import PreemptionSignals
 
 
@@ -174,12 +174,12 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_key(tmp_path):
 ])
 def test_universal_loading_only_for_a_zero_checkpoint_on_another_number_of_ranks(saved_dp, saved_stage, dp, stage, expected):
     record = {"data_parallel_size": saved_dp, "zero_stage": saved_stage}
-    assert elastic.needs_universal(record, dp, stage, Path("ckpt")) is expected
+    assert universal_checkpoint.needs_universal(record, dp, stage, Path("ckpt")) is expected
 
 
 def test_resuming_with_another_zero_stage_is_refused():
     with pytest.raises(LmforgeError, match="written with ZeRO-0 but deepspeed.config is ZeRO-2; resume with a ZeRO-0 JSON"):
-        elastic.needs_universal({"data_parallel_size": 1, "zero_stage": 0}, 1, 2, Path("ckpt"))
+        universal_checkpoint.needs_universal({"data_parallel_size": 1, "zero_stage": 0}, 1, 2, Path("ckpt"))
 
 
 def test_rng_states_round_trip_through_weights_only_loading(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from pretrain import checkpoint
 from pretrain.config import load_pretrain_config
-from pretrain.data_source import TrainingData
+from pretrain.rank_batches import TrainingData
 from tests.pretrain.training_runs import REPO, run_env, step_losses, tiny_overrides, training_command
 
 GLOBAL_BATCH = 4

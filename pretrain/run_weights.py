@@ -9,7 +9,8 @@ bf16/fp16 mode the module is 16-bit and the fp32 master weights are the optimize
 Every tensor is then checked against the model config.yaml describes, so a config that does not
 match its checkpoint (another vocab, another width) is a one-line error, not a traceback.
 
-Post-training runs read the same way (pretrain.run_dir reads their config): SFT and DPO checkpoint
+Post-training runs read the same way (pretrain.run_dir reads their model section; the model with its
+weights, for any run: run_tools.run_config.load_checked_model): SFT and DPO checkpoint
 the language model, PPO its actor (RUN_DIR/checkpoints; the critic is under RUN_DIR/critic/). A
 reward model (keys `lm.*`, `head.*`: a scalar head, not a causal LM) is refused with one line.
 """
@@ -20,10 +21,11 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.run_layout import config_path
 from pretrain import checkpoint
 from pretrain.model import ModelConfig, Transformer
 from pretrain.pipeline_checkpoint import is_pipeline_checkpoint, pipeline_state_dict_to_model
-from pretrain.run_dir import AnyRunConfig, load_run_config, run_model_config
+from pretrain.run_dir import run_model_config
 
 MODULE_STATES = "mp_rank_00_model_states.pt"
 
@@ -131,19 +133,5 @@ def lm_state_dict(run_dir: Path, model: ModelConfig, step: int | None = None) ->
                            "not a causal language model; use an SFT, DPO, PPO (its actor) or pretraining run")
     if model.tied and "embed.weight" in state:
         state.setdefault("lm_head.weight", state["embed.weight"])
-    check_state_dict(state, model, f"{folder} with {Path(run_dir) / 'config.yaml'}")
+    check_state_dict(state, model, f"{folder} with {config_path(run_dir)}")
     return state, tag
-
-
-def load_checked_model(run_dir: Path, step: int | None = None) -> tuple[Transformer, AnyRunConfig, str]:
-    """The run's model (CPU, fp32, eval mode) with its checkpoint's weights, and its config and tag.
-
-    Any run: pretraining, import-hf, SFT, DPO, PPO (the actor); the config is a PretrainConfig or a PosttrainConfig.
-    """
-    config = load_run_config(run_dir)
-    if config.model.vocab_size is None:
-        raise LmforgeError(f"{Path(run_dir) / 'config.yaml'}: model.vocab_size is null; a trained run's config names it")
-    state, tag = lm_state_dict(run_dir, config.model, step)
-    model = Transformer(config.model)
-    model.load_state_dict(state)
-    return model.eval(), config, tag

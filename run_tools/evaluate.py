@@ -3,7 +3,7 @@
 The split's token stream (documents joined with their EOD tokens, as training reads it) is cut into
 consecutive windows of seq_len + 1 tokens overlapping by one, so every token but the first is
 predicted exactly once, with the context its window gives it; a shorter last window takes the
-tail. Window batches are dealt round-robin over ranks (`torchrun -m pretrain.evaluate ...` or
+tail. Window batches are dealt round-robin over ranks (`torchrun -m run_tools.evaluate ...` or
 `torchrun --no-python lmforge eval ...`), and summed nats and token counts are all-reduced.
 
 loss is nats per predicted token with the training loss's definition (softmax over the padded
@@ -122,7 +122,7 @@ def summed_loss(model, windows: SplitWindows, batches: Iterator[range], device: 
 
 def default_shard_dir(run_dir: Path, run_config) -> Path:
     """The run's first training shard directory; a post-training run (trained on JSONL) has none."""
-    from pretrain.run_dir import training_shards
+    from run_tools.run_config import training_shards
 
     shards = training_shards(run_config)
     if not shards:
@@ -169,10 +169,9 @@ def print_table(result: EvalResult) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from data_prep.manifest import load_manifest
-    from pretrain import distributed
-    from pretrain.checkpoint import write_atomic
-    from pretrain.eval_checkpoint import load_checked_model
-    from pretrain.run_dir import load_run_config
+    from lmforge import distributed
+    from lmforge.files import write_atomic
+    from run_tools.run_config import load_checked_model, load_run_config
 
     args = parse_args(argv)
     run_config = load_run_config(args.checkpoint)

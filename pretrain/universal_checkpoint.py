@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lmforge import distributed
 from lmforge.errors import LmforgeError
-from pretrain import distributed
+from lmforge.run_layout import UNIVERSAL_DIR
 
-UNIVERSAL_DIR = "universal"
 
 
 def needs_universal(record: dict[str, Any], data_parallel_size: int, zero_stage: int, folder: Path) -> bool:

@@ -10,6 +10,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.run_layout import checkpoints_dir
+
 BYTES_PER_PARAM = 16
 
 
@@ -30,7 +32,7 @@ def _tree_bytes(folder: Path) -> int:
 def checkpoint_space(run_dir: Path, num_params: int, keep_last: int) -> CheckpointSpace:
     """The estimate for `run_dir` (which must exist)."""
     each = num_params * BYTES_PER_PARAM
-    existing = _tree_bytes(run_dir / "checkpoints")
+    existing = _tree_bytes(checkpoints_dir(run_dir))
     needed = max(each, each * (keep_last + 1) - existing)
     return CheckpointSpace(each, needed, shutil.disk_usage(run_dir).free)
 

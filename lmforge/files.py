@@ -1,4 +1,10 @@
-"""Atomic writes and checksums: a file either has its final content or does not exist."""
+"""Atomic writes and checksums: a file either has its final content or does not exist.
+
+`write_atomic` is the one way this code base writes a file that must never be seen half-written
+(configs, checkpoint records, manifests, metrics rewrites, tokenizer copies, plots, eval results):
+a hidden temp sibling, fsync, then a rename over the target. `atomic_write_bytes`/`atomic_write_json`
+are the same with a user-facing one-line error instead of OSError.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +12,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Union
 
 from lmforge.errors import LmforgeError
 
@@ -31,18 +37,32 @@ def fsync_replace(temp: Path, path: Path) -> None:
     os.replace(temp, path)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` through a temp file and a rename."""
+Content = Union[bytes, str, Callable[[Path], None]]
+
+
+def write_atomic(path: Path, content: Content) -> None:
+    """Writes `content` (bytes, UTF-8 text, or a function that writes the file at the path it is given)
+    to `path` through a temp sibling, fsync and a rename: readers see the old file or the new one.
+    OSError propagates (the temp file is removed)."""
     path = Path(path)
     temp = temp_path_for(path)
     try:
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except OSError as err:
+        if callable(content):
+            content(temp)
+        else:
+            with open(temp, "wb") as handle:
+                handle.write(content.encode("utf-8") if isinstance(content, str) else content)
+        fsync_replace(temp, path)
+    except BaseException:
         temp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """write_atomic, with a one-line LmforgeError for a path that cannot be written."""
+    try:
+        write_atomic(path, data)
+    except OSError as err:
         raise LmforgeError(f"{path}: cannot write ({err.strerror or err}); choose a writable location") from None
 
 

@@ -4,7 +4,7 @@ DIR gets (docs/interop.md): model.safetensors (or shards + model.safetensors.ind
 config.json for LlamaForCausalLM (llama) or GPT2LMHeadModel (gpt2), generation_config.json, and
 the tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model;
 for a run made by `lmforge import-hf`, the source model's own tokenizer files). RUN_DIR may also be a
-post-training run: SFT, DPO, or PPO (its actor); a reward model is refused (pretrain.eval_checkpoint).
+post-training run: SFT, DPO, or PPO (its actor); a reward model is refused (pretrain.run_weights).
 Nothing in DIR refers to lmforge: `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` need only transformers. DIR appears complete or not at all:
 it is written beside its final place, then renamed.
@@ -22,14 +22,15 @@ from typing import Sequence
 import torch
 
 from lmforge.errors import LmforgeError, run_cli
-from pretrain.eval_checkpoint import lm_state_dict
-from pretrain.hf_mapping import SpecialTokens, hf_config, to_hf
-from pretrain.hf_tokenizer import (
+from pretrain.run_weights import lm_state_dict
+from run_tools.hf_mapping import SpecialTokens, hf_config, to_hf
+from run_tools.hf_tokenizer import (
     copy_source_tokenizer, has_source_tokenizer, special_tokens, write_hf_tokenizer,
 )
-from pretrain.hf_weights import parse_size, save_safetensors
 from pretrain.model import ModelConfig
-from pretrain.run_dir import load_run_config, load_run_tokenizer, run_tokenizer_path
+from pretrain.run_dir import load_run_tokenizer, run_tokenizer_path
+from run_tools.hf_weights import parse_size, save_safetensors
+from run_tools.run_config import load_run_config
 
 DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16")}
 

@@ -7,15 +7,11 @@ pairs. The run directory is what `lmforge ppo --set ppo.reward_run=...` reads.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from lmforge import distributed
 from lmforge.errors import run_cli
 from posttrain.batches import ExampleOrder, PairBatch, eval_chunks, pair_batch
 from posttrain.heads import ScalarHeadModel, last_token_scores
@@ -23,7 +19,6 @@ from posttrain.job import Job
 from posttrain.losses import bradley_terry_loss
 from posttrain.preferences import PreferenceData, load_preference_data
 from posttrain.verb import SupervisedVerb, run_supervised_verb
-from pretrain import distributed
 
 
 def pair_scores(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:

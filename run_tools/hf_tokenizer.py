@@ -26,11 +26,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-from pretrain.hf_mapping import SpecialTokens
+from lmforge.run_layout import SOURCE_TOKENIZER_DIR
+from run_tools.hf_mapping import SpecialTokens
 
 SPACE = "\u2581"
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-SOURCE_TOKENIZER_DIR = "hf_tokenizer"
 SPECIAL_IDS_FILE = "special_ids.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lmforge.errors import run_cli
-from pretrain import export_hf, import_hf
-from pretrain.eval_checkpoint import load_checked_model
+from run_tools import export_hf, import_hf
+from run_tools.run_config import load_checked_model
 from tests.pretrain.training_runs import REPO, run_env, step_losses
 
 # name -> (model class, config kwargs, tokenizer shipped with it)
@@ -31,7 +31,7 @@ def make_hf_model(kind: str, settings: dict, tokenizer: str, out: Path, tokenize
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from data_prep.tokenizer import Tokenizer
-    from pretrain.hf_tokenizer import write_hf_tokenizer
+    from run_tools.hf_tokenizer import write_hf_tokenizer
 
     torch.manual_seed(0)
     ids = dict(bos_token_id=2, eos_token_id=3, pad_token_id=0)
@@ -114,7 +114,7 @@ def test_imported_model_computes_the_source_models_logits(imported, name):
 @pytest.mark.slow
 def test_lmforge_train_resumes_from_the_imported_weights(imported, tiny_corpus_shards, tmp_path):
     from pretrain.config import load_pretrain_config
-    from pretrain.data_source import TrainingData
+    from pretrain.rank_batches import TrainingData
 
     _, run_dir, _ = imported["llama-gqa-padded"]
     copy = tmp_path / "continued"

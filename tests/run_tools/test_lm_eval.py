@@ -17,8 +17,8 @@ import torch
 pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'lm-eval[hf]'")
 
 from data_prep.tokenizer import Tokenizer  # noqa: E402
-from pretrain import export_hf  # noqa: E402
-from pretrain.eval_checkpoint import load_checked_model  # noqa: E402
+from run_tools import export_hf  # noqa: E402
+from run_tools.run_config import load_checked_model  # noqa: E402
 from tests.pretrain.training_runs import run_training  # noqa: E402
 
 pytestmark = pytest.mark.slow

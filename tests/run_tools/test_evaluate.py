@@ -13,8 +13,8 @@ import torch
 
 from data_prep.indexed_dataset import IndexedDataset
 from lmforge.errors import run_cli
-from pretrain import evaluate
-from pretrain.eval_checkpoint import load_checked_model
+from run_tools import evaluate
+from run_tools.run_config import load_checked_model
 from tests.pretrain.training_runs import REPO, run_env, run_training
 
 SEQ_LEN = 32  # train.seq_len of the run below, the default window
@@ -64,7 +64,7 @@ def eval_command(nproc: int) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "lmforge.cli", "eval"]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(free_port()), "-m", "pretrain.evaluate"]
+            str(free_port()), "-m", "run_tools.evaluate"]
 
 
 def run_eval(run_dir: Path, nproc: int, *extra: str) -> tuple[str, dict]:

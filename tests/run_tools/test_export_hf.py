@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from lmforge.errors import run_cli
-from pretrain import export_hf
+from run_tools import export_hf
 from pretrain.dataset import PackedDataset
-from pretrain.eval_checkpoint import load_checked_model
+from run_tools.run_config import load_checked_model
 from tests.pretrain.training_runs import REPO, run_env, run_training
 
 # Each run varies what the mapping must get right: GQA/MQA, tied or not, biases or none, a padded vocab.
@@ -47,7 +47,7 @@ import copy, importlib.abc, json, sys
 
 class NoLmforge(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("lmforge", "pretrain", "data_prep", "posttrain", "launch", "tests"):
+        if name.split(".")[0] in ("lmforge", "pretrain", "data_prep", "posttrain", "run_tools", "launch", "tests"):
             raise ImportError(f"the exported model must not need {name}")
         return None
 
@@ -186,7 +186,7 @@ def test_tokenizer_files_load_with_auto_tokenizer_and_match_lmforge(tmp_path, ti
     from transformers import AutoTokenizer
 
     from data_prep.tokenizer import Tokenizer
-    from pretrain.hf_tokenizer import write_hf_tokenizer
+    from run_tools.hf_tokenizer import write_hf_tokenizer
 
     ours = Tokenizer.load(tiny_corpus_shards.shard_dir / "tokenizer.model")
     write_hf_tokenizer(ours.model_bytes(), tmp_path, 128)
@@ -275,7 +275,7 @@ def test_user_symbols_and_control_symbols_tokenize_as_in_lmforge(tmp_path, stdli
 
     from data_prep.corpus import CorpusSpec
     from data_prep.tokenizer import Tokenizer, TokenizerOptions, train_tokenizer
-    from pretrain.hf_tokenizer import write_hf_tokenizer
+    from run_tools.hf_tokenizer import write_hf_tokenizer
 
     spec = CorpusSpec(inputs=tuple(str(p) for p in stdlib_subset(10)))
     options = TokenizerOptions(vocab_size=400, user_symbols=("<|user|>", "<|assistant|>", "\u2581\u2581x"),
@@ -295,8 +295,8 @@ def test_bf16_zero0_checkpoint_exports_its_fp32_master_weights(tmp_path, tiny_co
     """DeepSpeed's bf16 mode with ZeRO-0 saves a bf16 module; the export takes the fp32 masters instead."""
     from safetensors.torch import load_file
 
-    from pretrain.hf_mapping import to_hf
-    from pretrain.run_dir import load_run_config
+    from run_tools.hf_mapping import to_hf
+    from run_tools.run_config import load_run_config
 
     ds_json = tmp_path / "bf16_zero0.json"
     ds_json.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}))

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Sequence
 
 from lmforge.errors import LmforgeError, run_cli
+from lmforge.files import write_atomic
+from lmforge.run_layout import LOSS_PLOT, metrics_path
 from pretrain.metrics import read_metrics
 
 
@@ -20,7 +22,7 @@ def plot_losses(run_dir: Path) -> Path:
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     valid = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train:
-        raise LmforgeError(f"{run_dir / 'metrics.jsonl'}: no training metrics to plot")
+        raise LmforgeError(f"{metrics_path(run_dir)}: no training metrics to plot")
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(*zip(*train), label="train loss")
     if valid:
@@ -30,11 +32,9 @@ def plot_losses(run_dir: Path) -> Path:
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
-    out = run_dir / "loss.png"
-    tmp = run_dir / ".loss.tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    out = run_dir / LOSS_PLOT
+    write_atomic(out, lambda temp: fig.savefig(temp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
-    tmp.replace(out)
     return out
 
 

@@ -20,12 +20,13 @@ import torch
 
 from lmforge.config import config_from_mapping, config_to_dict, parse_overrides, read_yaml_mapping, save_config
 from lmforge.errors import LmforgeError, run_cli
+from lmforge.run_layout import SOURCE_TOKENIZER_DIR, config_path
 from pretrain.config import PretrainConfig, resolve_config_path
-from pretrain.eval_checkpoint import check_state_dict
-from pretrain.hf_mapping import from_hf, model_config_from_hf
-from pretrain.hf_tokenizer import SOURCE_TOKENIZER_DIR, keep_source_tokenizer
-from pretrain.hf_weights import load_hf_weights
 from pretrain.model import ModelConfig, Transformer
+from pretrain.run_weights import check_state_dict
+from run_tools.hf_mapping import from_hf, model_config_from_hf
+from run_tools.hf_tokenizer import keep_source_tokenizer
+from run_tools.hf_weights import load_hf_weights
 
 DEFAULT_DEEPSPEED = "ds_configs/zero0.json"
 
@@ -95,11 +96,12 @@ def save_as_run(config: PretrainConfig, state: dict[str, torch.Tensor], model_di
                 hf: dict[str, Any]) -> tuple[str, list[str] | None]:
     """Writes config.yaml, the source tokenizer and a step-0 checkpoint of a DeepSpeed engine around the
     imported weights; returns the tag and, on rank 0, the tokenizer files kept (None on other ranks)."""
-    from pretrain import checkpoint, distributed
+    from lmforge import distributed
+    from lmforge.distributed import bf16_supported, launcher_world_size
+    from pretrain import checkpoint
     from pretrain.config import resolve_repo_path
     from pretrain.ds_config import build_deepspeed_config
     from pretrain.engine import build_engine
-    from pretrain.distributed import bf16_supported, launcher_world_size
 
     ds_path = resolve_repo_path(config.deepspeed.config)
     build_deepspeed_config(ds_path, config.train, launcher_world_size(), bf16_supported())  # a bad JSON fails here
@@ -111,7 +113,7 @@ def save_as_run(config: PretrainConfig, state: dict[str, torch.Tensor], model_di
         engine = build_engine(model, ds_config, config.train.weight_decay, compile_model=False)
         kept = None
         if distributed.is_main():
-            save_config(config, config.run.dir / "config.yaml")
+            save_config(config, config_path(config.run.dir))
             kept = keep_source_tokenizer(model_dir, hf, config.run.dir)
         client_state = {"step": 0, "seed": config.train.seed, "world_size": info.world_size, "imported_from": str(model_dir)}
         return checkpoint.save(engine, config.run.dir, 0, client_state, config.train.keep_last), kept

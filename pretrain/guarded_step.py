@@ -33,8 +33,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from lmforge import distributed
 from lmforge.errors import LmforgeError
-from pretrain import distributed, faults
+from pretrain import faults
 
 
 @dataclass(frozen=True)

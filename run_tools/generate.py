@@ -13,9 +13,9 @@ from typing import Sequence
 import torch
 
 from lmforge.errors import LmforgeError, run_cli
-from pretrain.eval_checkpoint import load_checked_model
 from pretrain.run_dir import load_run_tokenizer
 from pretrain.sampling import generate
+from run_tools.run_config import load_checked_model
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
