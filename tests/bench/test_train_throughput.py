@@ -29,7 +29,7 @@ def test_dry_run_prints_one_table_and_writes_the_same_as_json(tmp_path):
 def test_dry_run_times_the_real_loop_and_a_raw_script_on_shards(tmp_path, tiny_corpus_shards):
     out = tmp_path / "table.json"
     result = subprocess.run(
-        [sys.executable, "bench/train_throughput.py", "--dry-run", "--data", str(tiny_corpus_shards.shard_dir),
+        [sys.executable, "-m", "bench.train_throughput", "--dry-run", "--data", str(tiny_corpus_shards.shard_dir),
          "--variants", "raw,loop:zero0,loop:zero2,baseline", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
