@@ -55,11 +55,13 @@ def _suppressed_optimizer_step(optimizer) -> Iterator[None]:
         del optimizer.overflow
 
 
-def _gradients_finite(module: torch.nn.Module) -> torch.Tensor:
+def _gradient_check(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(all gradients finite, their global L2 norm before clipping; None without gradients)."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
-        return torch.ones((), dtype=torch.bool)
-    return torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+        return torch.ones((), dtype=torch.bool), None
+    norms = torch.stack(torch._foreach_norm(grads))
+    return torch.isfinite(norms).all(), torch.linalg.vector_norm(norms)
 
 
 class GuardedStep:
@@ -72,6 +74,8 @@ class GuardedStep:
         if hasattr(optimizer, "check_grad_overflow"):
             optimizer.check_grad_overflow = True
         self.checks_gradients_itself = not hasattr(optimizer, "overflow")
+        self.grad_norm: torch.Tensor | None = None
+        """The last step's gradient norm where we check gradients ourselves (DeepSpeed reports none there)."""
         self.consecutive_bad = 0
         self.first_bad_step: int | None = None
 
@@ -80,7 +84,8 @@ class GuardedStep:
         device = loss_sum.device
         flags = [~torch.isfinite(loss_sum)]
         if self.checks_gradients_itself:
-            flags.append(~_gradients_finite(self.engine.module).to(device))
+            finite, self.grad_norm = _gradient_check(self.engine.module)
+            flags.append(~finite.to(device))
         else:
             flags.append(torch.zeros((), dtype=torch.bool, device=device))
         flags.append(torch.tensor(stop_requested, device=device))

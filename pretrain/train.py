@@ -90,7 +90,7 @@ class Trainer:
             ds_config = with_universal_loading(ds_config)
         torch.manual_seed(train.seed)
         self.model = Transformer(self.config.model)
-        self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile)
+        self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile, train.decay_embeddings)
         dp_rank, dp_size = data_parallel_position(self.engine)
         self.data = TrainingData(self.config.data, train.seq_len, train.seed, dp_rank, dp_size)
         self.global_batch = train.micro_batch_size * train.grad_accum_steps * dp_size
@@ -210,6 +210,8 @@ class Trainer:
     def _log_record(self, loss: float, steps: int, elapsed: float) -> dict[str, Any]:
         tokens_per_second = self.tokens_per_step * steps / max(elapsed, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:  # a plain torch optimizer (ZeRO-0): DeepSpeed keeps no norm, GuardedStep has it
+            grad_norm = self.guarded.grad_norm
         record = {
             **pipeline_metrics(self.ds_config),
             "step": self.step,
