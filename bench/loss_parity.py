@@ -41,6 +41,12 @@ def final_val_loss(records: list[dict[str, Any]]) -> float | None:
     return values[-1] if values else None
 
 
+def tail_loss(steps: list[dict[str, Any]]) -> float:
+    """Mean loss over the last tenth of the steps (at least one): a curve's end, less noisy than a step."""
+    tail = steps[-max(1, len(steps) // 10):]
+    return sum(r["loss"] for r in tail) / len(tail)
+
+
 def relative_difference(value: float | None, reference: float) -> float:
     if value is None:
         return float("inf")  # not reported: cannot be equal
@@ -118,18 +124,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             references[nproc] = run_reference(args.config, sets, nproc)
         reference = references[nproc]
         diffs = max_relative_differences(step_records(lmforge), step_records(reference))
+        tails = tail_loss(step_records(lmforge)), tail_loss(step_records(reference))
         results["stages"][stage] = {"ranks": nproc, **{f"max_rel_{k}": v for k, v in diffs.items()},
+                                    "tail_loss": tails[0], "reference_tail_loss": tails[1],
                                     "val_loss": final_val_loss(lmforge), "reference_val_loss": final_val_loss(reference)}
         print(f"ZeRO-{stage} ({nproc} rank(s)): max relative difference loss {diffs['loss']:.2e}, "
-              f"grad_norm {diffs['grad_norm']:.2e}; final val_loss lmforge {final_val_loss(lmforge)}, "
-              f"reference {final_val_loss(reference)}", flush=True)
+              f"grad_norm {diffs['grad_norm']:.2e}; last-tenth loss lmforge {tails[0]:.4f}, reference {tails[1]:.4f}; "
+              f"final val_loss lmforge {final_val_loss(lmforge)}, reference {final_val_loss(reference)}", flush=True)
     for seed in args.seeds:
         first = next(iter(references.values()))
         other = run_reference(args.config, [*args.set, f"train.seed={seed}"], next(iter(references)))
         noise = max_relative_differences(step_records(other), step_records(first))
-        results.setdefault("seed_noise", {})[seed] = {**{f"max_rel_{k}": v for k, v in noise.items()}, "val_loss": final_val_loss(other)}
+        results.setdefault("seed_noise", {})[seed] = {**{f"max_rel_{k}": v for k, v in noise.items()},
+                                                      "tail_loss": tail_loss(step_records(other)), "val_loss": final_val_loss(other)}
         print(f"reference seed {seed}: max relative difference to the first seed: loss {noise['loss']:.2e}; "
-              f"final val_loss {final_val_loss(other)}", flush=True)
+              f"last-tenth loss {tail_loss(step_records(other)):.4f}; final val_loss {final_val_loss(other)}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "parity.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
