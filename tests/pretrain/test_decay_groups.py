@@ -4,9 +4,11 @@ from dataclasses import replace
 import pytest
 
 from bench.reference_loop import parameter_groups as reference_groups
+from lmforge.errors import LmforgeError
 from pretrain.config import TrainConfig
 from pretrain.engine import parameter_groups
 from pretrain.model import ModelConfig, Transformer
+from pretrain.resume import check_decay_groups
 
 
 def named_groups(model, groups):
@@ -37,3 +39,10 @@ def test_each_setting_decays_what_it_says(arch, decay_embeddings):
 
 def test_embeddings_are_exempt_by_default():
     assert TrainConfig().decay_embeddings is False
+
+
+def test_resuming_with_the_other_setting_is_a_one_line_error_naming_the_key(tmp_path):
+    check_decay_groups({}, TrainConfig(), tmp_path)  # a record from before the option: exempt, as the default
+    check_decay_groups({"decay_embeddings": True}, TrainConfig(decay_embeddings=True), tmp_path)
+    with pytest.raises(LmforgeError, match="written with train.decay_embeddings = false, the config says true"):
+        check_decay_groups({}, TrainConfig(decay_embeddings=True), tmp_path)

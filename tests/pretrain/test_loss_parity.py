@@ -43,3 +43,17 @@ def test_lmforge_losses_and_grad_norms_equal_the_plain_pytorch_loop(arch, stage,
     assert differences["loss"] <= TOLERANCE
     assert differences["grad_norm"] <= TOLERANCE
     assert final_val_loss(lmforge) == pytest.approx(final_val_loss(reference), rel=TOLERANCE)
+
+
+def test_decayed_embeddings_and_accumulation_equal_the_plain_pytorch_loop(shards, tmp_path):
+    """train.decay_embeddings reaches DeepSpeed's optimizer (gpt2: the tied head decays with the
+    embedding), and two accumulated micro-batches per rank read the reference's global batch."""
+    sets = parity_sets(shards, "gpt2") + ["train.decay_embeddings=true", "train.grad_accum_steps=2", "train.micro_batch_size=4"]
+    lmforge = step_records(run_lmforge("tiny", sets + ["deepspeed.config=ds_configs/zero1.json"], tmp_path / "run", 2))
+    reference = step_records(run_reference("tiny", sets, 2))
+    differences = max_relative_differences(lmforge, reference)
+    print(f"gpt2 ZeRO-1, decay_embeddings, 2 x 2 micro-batches: max relative difference {differences}")
+    assert differences["loss"] <= TOLERANCE and differences["grad_norm"] <= TOLERANCE
+    # the tolerance sees the option: had lmforge ignored it, this check would have failed
+    exempt = step_records(run_reference("tiny", [s for s in sets if "decay_embeddings" not in s], 2))
+    assert max_relative_differences(exempt, reference)["loss"] > 5 * TOLERANCE
