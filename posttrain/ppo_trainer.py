@@ -36,9 +36,11 @@ class PPOTrainer:
         self.tokenizer = self.job.tokenizer
         self.dtype = weight_dtype(self.job.ds_config)
         train = cfg.train
-        self.actor = build_engine(build_initial(cfg, Transformer), self.job.ds_config, train.weight_decay, train.compile)
+        self.actor = build_engine(build_initial(cfg, Transformer), self.job.ds_config, train.weight_decay, train.compile,
+                                  train.decay_embeddings)
         self.reference = build_frozen(build_initial(cfg, Transformer), self.job.ds_config, cfg.ppo.frozen_models, info.device)
-        self.critic = build_engine(self._critic_module(), ppo_job.critic_ds_config, train.weight_decay, train.compile)
+        self.critic = build_engine(self._critic_module(), ppo_job.critic_ds_config, train.weight_decay, train.compile,
+                                   train.decay_embeddings)
         self.reward_model = None
         if cfg.ppo.reward_run is not None:
             self.reward_model = build_frozen(self._reward_module(), self.job.ds_config, cfg.ppo.frozen_models, info.device)

@@ -48,7 +48,8 @@ def run_supervised_verb(verb: SupervisedVerb, argv: Sequence[str] | None) -> int
     job, info = start_ranks(job)
     try:
         cfg = job.config
-        engine = build_engine(build_initial(cfg, verb.model_kind), job.ds_config, cfg.train.weight_decay, cfg.train.compile)
+        engine = build_engine(build_initial(cfg, verb.model_kind), job.ds_config, cfg.train.weight_decay, cfg.train.compile,
+                              cfg.train.decay_embeddings)
         step = verb.make_step(job, engine, data, info)
         loop = SupervisedLoop(job, engine, verb.name)
         if distributed.is_main():

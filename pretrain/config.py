@@ -55,7 +55,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     max_steps: int = 100
-    """Optimizer steps to train for (the cosine schedule ends here)."""
+    """Optimizer steps to train for (the cosine schedule ends here, at min_lr)."""
     seed: int = 1234
     """Seeds weights, data order and every RNG."""
     micro_batch_size: int = 8
@@ -69,9 +69,11 @@ class TrainConfig:
     min_lr: float = 3e-5
     """Learning-rate floor at the end of the cosine decay."""
     warmup_steps: int = 10
-    """Linear warmup steps from 0 to lr."""
+    """Linear warmup steps: step k <= warmup_steps at lr * (k - 1) / warmup_steps (docs/parity.md)."""
     weight_decay: float = 0.1
-    """AdamW weight decay (not applied to norms, biases and embeddings)."""
+    """AdamW weight decay on 2-D weights (never on norms and biases)."""
+    decay_embeddings: bool = False
+    """Also decay the embedding tables (and so a head tied to them); false exempts them."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95

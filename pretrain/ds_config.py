@@ -10,7 +10,7 @@ must agree on with our `train` section, and refuses a JSON that says something d
 | train_batch_size                      | micro × accumulation × data-parallel ranks    |
 | gradient_clipping                     | train.grad_clip                               |
 | optimizer (AdamW) params              | train.lr, beta1, beta2, adam_eps, weight_decay |
-| scheduler (WarmupCosineLR) params     | train.max_steps, warmup_steps, min_lr / lr    |
+| scheduler (WarmupCosineLR) params     | train.max_steps, warmup_steps, min_lr / lr (`warmup_cosine_params`) |
 | bf16.enabled = "auto"                 | true where the device trains in bf16 (GPU), else false |
 | torch_autocast.enabled = "auto"       | the same: bf16 autocast over fp32 weights on GPU, fp32 on CPU |
 
@@ -56,6 +56,30 @@ def _fill(config: dict, key: str, value: Any, yaml_key: str, source: Path, probl
         problems.append(f"{source}: {where}{key} = {current!r} contradicts {yaml_key} = {value!r}; remove it from the JSON or make them agree")
 
 
+def warmup_cosine_params(train: TrainConfig) -> dict[str, Any]:
+    """WarmupCosineLR's parameters for lmforge's schedule (docs/parity.md), with W = warmup_steps, T = max_steps:
+
+    step 1 at lr 0; step k <= W at lr * (k - 1) / W; step k > W on the cosine from lr to min_lr,
+    at progress (k - W) / (T - W), so step T runs at min_lr. DeepSpeed's scheduler runs the first
+    step at lr 0 whatever its values (it applies its first ratio only after one step), and for
+    W <= 2 its warmup lasts two steps (steps 2-3 at lr, or at lr/2 and 3lr/4 for W = 2, then
+    the cosine at progress (k - 3) / (T - 3)). Its step() after optimizer step k sets the lr of
+    step k + 1 from iteration k - 1, hence the shifted values below.
+    """
+    w = train.warmup_steps
+    if w >= 3:
+        warmup_num_steps, warmup_min_ratio = w - 1, 1.0 / w
+    else:  # DeepSpeed's minimum of two warmup steps
+        warmup_num_steps, warmup_min_ratio = 2, (0.5 if w == 2 else 1.0)
+    return {
+        "total_num_steps": max(1, train.max_steps - 1),
+        "warmup_num_steps": warmup_num_steps,
+        "warmup_min_ratio": warmup_min_ratio,
+        "cos_min_ratio": train.min_lr / train.lr,
+        "warmup_type": "linear",
+    }
+
+
 def build_deepspeed_config(path: Path, train: TrainConfig, data_parallel_size: int, bf16_supported: bool) -> dict[str, Any]:
     """DeepSpeed's JSON at `path` with our values filled in (see the table above)."""
     source = path
@@ -83,15 +107,9 @@ def build_deepspeed_config(path: Path, train: TrainConfig, data_parallel_size: i
         problems.append(f"{source}: scheduler.type = {scheduler.get('type')!r}: lmforge uses WarmupCosineLR (set train.warmup_steps, train.min_lr instead)")
     scheduler.setdefault("type", "WarmupCosineLR")
     sched = scheduler.setdefault("params", {})
-    _fill(sched, "total_num_steps", train.max_steps, "train.max_steps", source, problems, "scheduler.params.")
-    if train.warmup_steps > 0:
-        _fill(sched, "warmup_num_steps", train.warmup_steps, "train.warmup_steps", source, problems, "scheduler.params.")
-        _fill(sched, "warmup_min_ratio", 0.0, "(linear warmup from 0)", source, problems, "scheduler.params.")
-    else:  # WarmupCosineLR refuses 0 warmup steps: one step that already starts at the full lr
-        _fill(sched, "warmup_num_steps", 1, "train.warmup_steps = 0 (one step at full lr)", source, problems, "scheduler.params.")
-        _fill(sched, "warmup_min_ratio", 1.0, "train.warmup_steps = 0 (no warmup)", source, problems, "scheduler.params.")
-    _fill(sched, "cos_min_ratio", train.min_lr / train.lr, "train.min_lr / train.lr", source, problems, "scheduler.params.")
-    _fill(sched, "warmup_type", "linear", "(linear warmup)", source, problems, "scheduler.params.")
+    how = "train.warmup_steps and train.max_steps (docs/parity.md: the schedule)"
+    for key, value in warmup_cosine_params(train).items():
+        _fill(sched, key, value, how if key != "cos_min_ratio" else "train.min_lr / train.lr", source, problems, "scheduler.params.")
 
     bf16 = config.get("bf16", {})
     if bf16.get("enabled") == AUTO:

@@ -18,9 +18,10 @@ from pretrain.model import Transformer
 from pretrain.pipeline import build_pipeline_module, pipeline_stages_of
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices of linear layers; not norms, biases or embeddings."""
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict[str, Any]]:
+    """AdamW groups [decayed, not decayed]: decay 2-D weights; never norms or biases; embeddings
+    (and a head tied to them) only with `decay_embeddings` (train.decay_embeddings)."""
+    embedding_ids = set() if decay_embeddings else {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay, seen = [], [], set()
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
@@ -37,7 +38,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
 
 
 def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool,
-                 guard_clips: bool = False, compile_scope: str = "model"):
+                 decay_embeddings: bool = False, guard_clips: bool = False, compile_scope: str = "model"):
     """Returns the DeepSpeed engine (optimizer and WarmupCosineLR scheduler from the JSON).
 
     The model is compiled in place before DeepSpeed wraps it: measured faster than
@@ -51,7 +52,7 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     so DeepSpeed's clipping is off.
     """
     if pipeline_stages_of(ds_config) > 1:
-        return _build_pipeline_engine(model, ds_config, weight_decay, compile_model)
+        return _build_pipeline_engine(model, ds_config, weight_decay, compile_model, decay_embeddings)
     if guard_clips and guards_on_device(ds_config) and zero_stage_of(ds_config) == 0:
         # DeepSpeed's ZeRO-0 clipping reads two scalars back from the GPU every step; with the
         # device guard, pretrain.guarded_step clips (to the same gradient_clipping) without waiting.
@@ -61,7 +62,7 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     if compile_model and not deepcompile:
         compile_in_place(model, compile_scope)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=parameter_groups(model, weight_decay), config=ds_config
+        model=model, model_parameters=parameter_groups(model, weight_decay, decay_embeddings), config=ds_config
     )
     if compile_model and deepcompile:
         engine.compile()
@@ -78,12 +79,13 @@ def compile_in_place(model: Transformer, scope: str) -> None:
         model.compile()
 
 
-def _build_pipeline_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool):
+def _build_pipeline_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool,
+                           decay_embeddings: bool):
     stage = build_pipeline_module(model, ds_config)
     if compile_model:
         stage.compile()  # each layer in place, as the plain model
     engine, _, _, _ = deepspeed.initialize(
-        model=stage, model_parameters=parameter_groups(stage, weight_decay), config=ds_config
+        model=stage, model_parameters=parameter_groups(stage, weight_decay, decay_embeddings), config=ds_config
     )
     return engine
 

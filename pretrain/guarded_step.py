@@ -106,11 +106,13 @@ def _deepspeed_host_norm_check_off() -> Iterator[None]:
             setattr(module, name, original)
 
 
-def _gradients_finite(module: torch.nn.Module) -> torch.Tensor:
+def _gradient_check(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(all gradients finite, their global L2 norm before clipping; None without gradients)."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
-        return torch.ones((), dtype=torch.bool)
-    return torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+        return torch.ones((), dtype=torch.bool), None
+    norms = torch.stack(torch._foreach_norm(grads))
+    return torch.isfinite(norms).all(), torch.linalg.vector_norm(norms)
 
 
 class GuardedStep:
@@ -216,8 +218,9 @@ class GuardedStep:
         """(loss non-finite on some rank, gradients non-finite, some rank asks to stop)."""
         device = loss_sum.device
         flags = [~torch.isfinite(loss_sum)]
-        if self.checks_gradients_itself:
-            flags.append(~_gradients_finite(self.engine.module).to(device))
+        if self.checks_gradients_itself:  # DeepSpeed keeps no norm for a plain torch optimizer: ours is logged
+            finite, self.last_grad_norm = _gradient_check(self.engine.module)
+            flags.append(~finite.to(device))
         else:
             flags.append(torch.zeros((), dtype=torch.bool, device=device))
         flags.append(torch.tensor(stop_requested, device=device))

@@ -101,6 +101,7 @@ def plan(config, data_parallel_size: int, zero_stage: int) -> ResumePoint | None
     folder = checkpoints_dir(run_dir) / tag
     record = checkpoint.read_record(folder)
     check_model(record, config.model, folder)
+    check_decay_groups(record, config.train, folder)
     saved_stages = record.get("pipeline_stages", 1)
     if saved_stages != config.parallel.pipeline_stages:
         raise LmforgeError(f"{folder}: written with parallel.pipeline_stages = {saved_stages}, the config says "
@@ -117,4 +118,13 @@ def plan(config, data_parallel_size: int, zero_stage: int) -> ResumePoint | None
 def record_for(config, global_batch: int) -> dict[str, Any]:
     """What the trainer adds to each checkpoint's COMPLETE record, for these checks."""
     return {"model": _plain(config_to_dict(config.model)), "global_batch": global_batch, "seed": config.train.seed,
-            "pipeline_stages": config.parallel.pipeline_stages}
+            "pipeline_stages": config.parallel.pipeline_stages, "decay_embeddings": config.train.decay_embeddings}
+
+
+def check_decay_groups(record: dict[str, Any], train, folder: Path) -> None:
+    """The optimizer state was saved with this config's parameter groups (train.decay_embeddings)."""
+    saved = record.get("decay_embeddings", False)  # records before the option: embeddings were exempt
+    if saved != train.decay_embeddings:
+        raise LmforgeError(f"{folder}: written with train.decay_embeddings = {str(saved).lower()}, the config says "
+                           f"{str(train.decay_embeddings).lower()}: the optimizer's parameter groups differ; resume "
+                           "with the value it was saved with, or train into a new run.dir")

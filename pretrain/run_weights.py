@@ -54,10 +54,13 @@ def _fp32_masters(states: dict, module: dict[str, torch.Tensor], model: ModelCon
     with torch.device("meta"):
         meta = Transformer(model)
     names = {id(p): n for n, p in meta.named_parameters()}
-    groups = [[names[id(p)] for p in group["params"]] for group in parameter_groups(meta, 0.0)]
-    if any(n not in module for group in groups for n in group):
-        return None  # not a plain Transformer's module (a reward model's lm.* / head.*)
-    if len(groups) != len(flats) or any(sum(module[n].numel() for n in g) != f.numel() for g, f in zip(groups, flats)):
+    for decay_embeddings in (False, True):  # train.decay_embeddings chose the optimizer's groups
+        groups = [[names[id(p)] for p in group["params"]] for group in parameter_groups(meta, 0.0, decay_embeddings)]
+        if any(n not in module for group in groups for n in group):
+            return None  # not a plain Transformer's module (a reward model's lm.* / head.*)
+        if len(groups) == len(flats) and all(sum(module[n].numel() for n in g) == f.numel() for g, f in zip(groups, flats)):
+            break
+    else:
         return None
     aliases: dict[int, list[str]] = {}
     for name, param in meta.named_parameters(remove_duplicate=False):  # a tied head shares the embedding

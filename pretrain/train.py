@@ -88,8 +88,8 @@ class Trainer:
         torch.manual_seed(train.seed)
         self.model = Transformer(self.config.model)
         on_device = guards_on_device(ds_config)
-        self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile, guard_clips=on_device,
-                                   compile_scope=train.compile_scope)
+        self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile, train.decay_embeddings,
+                                   guard_clips=on_device, compile_scope=train.compile_scope)
         dp_rank, dp_size = data_parallel_position(self.engine)
         self.data = TrainingData(self.config.data, train.seq_len, train.seed, dp_rank, dp_size)
         self.global_batch = train.micro_batch_size * train.grad_accum_steps * dp_size

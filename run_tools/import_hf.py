@@ -110,7 +110,8 @@ def save_as_run(config: PretrainConfig, state: dict[str, torch.Tensor], model_di
         ds_config = build_deepspeed_config(ds_path, config.train, info.world_size, bf16_supported())
         model = Transformer(config.model)
         model.load_state_dict(state)
-        engine = build_engine(model, ds_config, config.train.weight_decay, compile_model=False)
+        engine = build_engine(model, ds_config, config.train.weight_decay, compile_model=False,
+                              decay_embeddings=config.train.decay_embeddings)
         kept = None
         if distributed.is_main():
             save_config(config, config_path(config.run.dir))

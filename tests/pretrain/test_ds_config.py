@@ -26,8 +26,10 @@ def test_yaml_values_fill_the_deepspeed_json():
     assert config["optimizer"] == {"type": "AdamW", "params": {"torch_adam": True, "fused": True, "lr": 1e-3, "betas": [0.9, 0.95],
                                                                "eps": 1e-8, "weight_decay": 0.1}}
     assert config["scheduler"]["type"] == "WarmupCosineLR"
-    assert config["scheduler"]["params"]["total_num_steps"] == 50
-    assert config["scheduler"]["params"]["warmup_num_steps"] == 5
+    # shifted by one: DeepSpeed's first step runs at lr 0 (pretrain.ds_config.warmup_cosine_params)
+    assert config["scheduler"]["params"]["total_num_steps"] == 49
+    assert config["scheduler"]["params"]["warmup_num_steps"] == 4
+    assert config["scheduler"]["params"]["warmup_min_ratio"] == pytest.approx(0.2)
     assert config["scheduler"]["params"]["cos_min_ratio"] == pytest.approx(0.1)
     assert zero_stage_of(config) == 2
 
