@@ -1,6 +1,6 @@
 """lmforge's training against the plain PyTorch reference (bench/reference_loop.py), step by step.
 
-    python bench/loss_parity.py --config tiny --stages 0 1 2 3 --nproc 2 --out runs/parity \
+    python -m bench.loss_parity --config tiny --stages 0 1 2 3 --nproc 2 --out runs/parity \
         --set train.max_steps=50
 
 For each ZeRO stage it trains with `lmforge train` (torchrun when --nproc > 1, the stage's
@@ -20,8 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REPO = Path(__file__).resolve().parent.parent
 LOGGED_EVERY_STEP = ["run.log_interval=1", "run.progress_bar=false", "run.tensorboard=false"]

@@ -1,6 +1,6 @@
 """What `lmforge train` computes, as a plain PyTorch loop with no DeepSpeed (docs/parity.md).
 
-    python bench/reference_loop.py --config tiny --set train.max_steps=50 --ranks 2 --output ref.jsonl
+    python -m bench.reference_loop --config tiny --set train.max_steps=50 --ranks 2 --output ref.jsonl
 
 Same initial weights (train.seed, then the model built as pretrain.train's Trainer builds it), the
 same batches (the global order of pretrain/data_source.py: sample `s * global_batch + k` is the
@@ -20,8 +20,6 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Sequence
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch

@@ -1,6 +1,6 @@
 """How long `lmforge train` takes to say something and to finish its first step, from a fresh process.
 
-    python bench/startup_time.py --config gpt2-124m --set data.path=[data/stdlib] --set train.max_steps=20
+    python -m bench.startup_time --config gpt2-124m --set data.path=[data/stdlib] --set train.max_steps=20
 
 Starts the real command (`python -m pretrain.train`, what `lmforge train` runs) with run.log_interval=1
 in a temporary run directory, stamps each line it prints with the seconds since the start, and

@@ -139,6 +139,9 @@ class GuardedStep:
         self.first_bad_step: int | None = None
         self.last_grad_norm: torch.Tensor | None = None
         self._pending: list[PendingStep] = []
+        self._settled: list[tuple[int, StepOutcome]] = []
+        self.last_lr: float | None = None
+        """The lr the newest step updated with (DeepSpeed's get_lr() afterwards is the next step's)."""
         self._loss_bad: torch.Tensor | None = None
         self._grad_bad: torch.Tensor | None = None
 
@@ -185,6 +188,10 @@ class GuardedStep:
                     self.last_grad_norm = self._clip_zero0()
                     self._grad_bad = ~torch.isfinite(self.last_grad_norm)
                     self._basic.found_inf = (self._loss_bad | self._grad_bad).float()
+                # The step before's flags, read while the GPU runs this step's backward: a skipped
+                # step rewinds the schedule before this update takes its lr.
+                self._read_pending()
+                self.last_lr = _current_lr(engine)
                 with _deepspeed_host_norm_check_off() if self._zero else nullcontext():
                     engine.step()
                 continue
@@ -242,6 +249,7 @@ class GuardedStep:
             count += 1
             if engine.is_gradient_accumulation_boundary():
                 loss_bad, grads_bad, stop = self._agree(total, stop_requested)
+                self.last_lr = _current_lr(engine)
                 if grads_bad and self.checks_gradients_itself:
                     with _suppressed_optimizer_step(engine.optimizer):
                         engine.step()
@@ -262,6 +270,7 @@ class GuardedStep:
             suppress = agreed["flags"][1] and self.checks_gradients_itself
             return _suppressed_optimizer_step(self.engine.optimizer) if suppress else None
 
+        self.last_lr = _current_lr(self.engine)
         loss = pipeline_step(self.engine, micro_batches, at_boundary)
         loss_bad, _, stop = agreed["flags"]
         applied = bool(self.engine.was_step_applied())
@@ -274,20 +283,26 @@ class GuardedStep:
         """Forward/backward over the micro-batches of optimizer step `step_number`, then DeepSpeed's
         step. Its loss and skip flag are device tensors; the outcome comes from `settle`."""
         if self.on_device:
-            pending = self._device_step(micro_batches, step_number, stop_requested)
-        else:
-            outcome = self._host_step(micro_batches, step_number, stop_requested)
-            skipped = torch.full((), not outcome.applied, dtype=torch.bool, device=outcome.loss.device)
-            pending = PendingStep(step_number, outcome.loss, skipped, torch.zeros(3), outcome=outcome)
-        self._pending.append(pending)
-        return pending
+            self._pending.append(self._device_step(micro_batches, step_number, stop_requested))
+            return self._pending[-1]
+        outcome = self._host_step(micro_batches, step_number, stop_requested)
+        skipped = torch.full((), not outcome.applied, dtype=torch.bool, device=outcome.loss.device)
+        self._settled.append((step_number, outcome))
+        return PendingStep(step_number, outcome.loss, skipped, torch.zeros(3), outcome=outcome)
+
+    def _read_pending(self) -> None:
+        """Reads the flags of every step still on its way (waits for the GPU to finish them)."""
+        while self._pending:
+            pending = self._pending.pop(0)
+            self._settled.append((pending.step_number, self._resolve(pending)))
 
     def settle(self, keep_last: bool = False) -> list[tuple[int, StepOutcome]]:
-        """Reads the flags of every pending step (all but the newest with `keep_last`), oldest first:
-        counts skips and rewinds the schedule. Returns (step number, outcome) pairs."""
-        ready = self._pending[:-1] if keep_last else self._pending
-        self._pending = self._pending[len(ready):]
-        return [(p.step_number, p.outcome or self._resolve(p)) for p in ready]
+        """The (step number, outcome) of every step read so far, oldest first; without `keep_last`
+        the newest step is read too (a wait for the GPU), with it that one stays pending."""
+        if not keep_last:
+            self._read_pending()
+        settled, self._settled = self._settled, []
+        return settled
 
     def check(self, outcome: StepOutcome, step_number: int, resume_hint: Callable[[], str]) -> None:
         """Counts consecutive bad steps; the max_bad_steps-th in a row stops training (LmforgeError)."""
@@ -302,6 +317,11 @@ class GuardedStep:
                 f"non-finite loss or gradient and were skipped (train.max_bad_steps = {self.max_bad_steps}); "
                 f"the weights are still those of step {self.first_bad_step - 1}; {resume_hint()}"
             )
+
+
+def _current_lr(engine) -> float | None:
+    lrs = engine.get_lr()
+    return float(lrs[0]) if lrs else None
 
 
 def _host_flag(value: bool, device: torch.device) -> torch.Tensor:

@@ -235,7 +235,7 @@ class Trainer:
             **pipeline_metrics(self.ds_config),
             "step": self.step,
             "loss": loss,
-            "lr": float(self.engine.get_lr()[0]),
+            "lr": self.guarded.last_lr if self.guarded.last_lr is not None else float(self.engine.get_lr()[0]),
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens": self.step * self.tokens_per_step,
             "tokens_per_second": tokens_per_second,

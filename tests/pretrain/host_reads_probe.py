@@ -1,6 +1,10 @@
 """Run by test_train_host_syncs.py: counts the device values the host reads while lmforge's Trainer
 queues each optimizer step (forward, backward, DeepSpeed's step), and prints them as JSON.
 
+One read is by design and not counted: `GuardedStep._resolve` reading the flags of the step before
+(on a GPU a pinned host copy, after that step's CUDA event, while this step's backward runs); the
+probe reports how many steps each such read looked back.
+
 Every read of a device value into Python (`.item()`, `float()`, `bool()`, `.tolist()`) reaches
 aten's `_local_scalar_dense` or `is_nonzero`; on a GPU each one waits for the GPU to finish."""
 from __future__ import annotations
@@ -21,6 +25,9 @@ PYTHON_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, t
                 torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy}
 
 
+PAUSED = {"on": False}
+
+
 class AtenReads(TorchDispatchMode):
     """Reads made inside operators (C++ `.item()`), and those of the Python methods below them."""
 
@@ -29,7 +36,7 @@ class AtenReads(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func in ATEN_READS
+        self.count += func in ATEN_READS and not PAUSED["on"]
         return func(*args, **(kwargs or {}))
 
 
@@ -41,7 +48,7 @@ class PythonReads(TorchFunctionMode):
         self.count = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += func in PYTHON_READS
+        self.count += func in PYTHON_READS and not PAUSED["on"]
         return func(*args, **(kwargs or {}))
 
 
@@ -49,17 +56,32 @@ def main(argv: list[str]) -> None:
     config = load_pretrain_config("tiny", [item for item in argv if item != "--set"])
     trainer = Trainer(prepare(config, 1), distributed.init_distributed())
     counts: list[int] = []
-    queue_step = trainer.guarded.step
+    looked_back: list[int] = []
+    queue_step, resolve = trainer.guarded.step, trainer.guarded._resolve
+
+    queuing = {"step": None}
+
+    def resolve_uncounted(pending):  # steps between the one being queued (if any) and the one read
+        looked_back.append(0 if queuing["step"] is None else queuing["step"] - pending.step_number)
+        PAUSED["on"] = True
+        try:
+            return resolve(pending)
+        finally:
+            PAUSED["on"] = False
 
     def counted(*args, **kwargs):
+        queuing["step"] = args[1]
         with PythonReads() as python_reads, AtenReads() as aten_reads:
             pending = queue_step(*args, **kwargs)
+        queuing["step"] = None
         counts.append(python_reads.count + aten_reads.count)
         return pending
 
     trainer.guarded.step = counted
+    trainer.guarded._resolve = resolve_uncounted
     last = trainer.run()
-    print(json.dumps({"reads_per_step": counts, "on_device": trainer.guarded.on_device, "loss": last.get("loss")}))
+    print(json.dumps({"reads_per_step": counts, "on_device": trainer.guarded.on_device, "loss": last.get("loss"),
+                      "flags_read_steps_back": looked_back}))
     distributed.shutdown()
 
 

@@ -47,7 +47,7 @@ def test_a_non_finite_step_is_skipped_and_leaves_the_weights_of_the_step_before(
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
     assert [m["skipped_steps"] for m in lines] == [0, 0, 1, 1, 1]
     assert lines[2]["loss"] is None and all(isinstance(m["loss"], float) for m in lines[:2] + lines[3:])
-    assert lines[2]["lr"] == lines[1]["lr"]  # the LR schedule did not advance either
+    assert lines[3]["lr"] == lines[2]["lr"]  # the LR schedule did not advance either: step 4 takes step 3's lr
     assert same(weights(run, 2), weights(run, 3))
     after = weights(run, 4)
     assert not same(weights(run, 3), after) and all(torch.isfinite(t).all() for t in after.values())
@@ -83,7 +83,7 @@ def test_fp16_overflow_is_skipped_by_the_loss_scaler_shown_in_metrics_and_not_a_
     lines = metrics(run)
     assert [m["loss_scale"] for m in lines] == [65536.0, 65536.0, 32768.0, 32768.0, 32768.0]
     assert [m["skipped_steps"] for m in lines] == [0, 0, 1, 1, 1]
-    assert lines[2]["loss"] is None and lines[2]["lr"] == lines[1]["lr"]
+    assert lines[2]["loss"] is None and lines[3]["lr"] == lines[2]["lr"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed's own fp16 optimizers run only on GPUs")

@@ -29,6 +29,8 @@ def test_no_step_reads_a_device_value_on_the_host(stage, shards, tmp_path):
     # ZeRO-3 records its parameters' fetch order during its first two steps (with host reads)
     first = 2 if stage == 3 else 0
     assert found["reads_per_step"][first:] == [0] * (6 - first)
+    # each step's flags are read once: one step later inside the next step, or at a log step (3, 6)
+    assert sorted(found["flags_read_steps_back"]) == [0, 0, 1, 1, 1, 1]
     assert found["loss"] > 0
 
 
