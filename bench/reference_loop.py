@@ -26,7 +26,7 @@ import torch
 
 from lmforge.errors import LmforgeError, run_cli
 from pretrain.config import PretrainConfig, TrainConfig, load_pretrain_config, resolve_repo_path
-from pretrain.data_source import check_data
+from pretrain.rank_batches import check_data
 from pretrain.dataset import build_dataset
 from pretrain.model import Transformer
 

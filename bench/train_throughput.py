@@ -249,11 +249,44 @@ def measure_loop(config: ModelConfig, json_name: str, args, device, compile_mode
             trainer.train_step = _sync_finder(trainer.train_step, range(warmup + 1, warmup + 4), json_name)
         if args.profile and device.type == "cuda":
             trainer.train_step = _step_profiler(trainer.train_step, range(warmup + 5, warmup + 10), json_name)
+        input_seconds = _time_input_pipeline(trainer)
         trainer.run()
         lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         del trainer
     rates = sorted(r["tokens_per_second"] for r in lines if "tokens_per_second" in r and r["step"] > warmup)
-    return args.batch * args.seq_len / rates[len(rates) // 2]
+    waits = sorted(input_seconds[warmup:]) or [float("nan")]
+    return args.batch * args.seq_len / rates[len(rates) // 2], waits[len(waits) // 2]
+
+
+def _time_input_pipeline(trainer) -> list[float]:
+    """Per step, the main thread's seconds in taking batches and copying them to the device
+    (`BatchPrefetcher.next` and `Trainer._to_device`): the input pipeline's cost on the step."""
+    per_step: list[float] = []
+    to_device, start_step = trainer._to_device, trainer.train_step
+
+    def timed_to_device(batch):
+        clock = time.perf_counter()
+        out = to_device(batch)
+        if per_step:
+            per_step[-1] += time.perf_counter() - clock
+        return out
+
+    def step_with_clock(*a, **k):
+        per_step.append(0.0)
+        if trainer.batches is not None and not hasattr(trainer.batches, "_timed"):
+            taken = trainer.batches.next
+
+            def timed_next(step, micro):
+                clock = time.perf_counter()
+                out = taken(step, micro)
+                per_step[-1] += time.perf_counter() - clock
+                return out
+
+            trainer.batches.next, trainer.batches._timed = timed_next, True
+        return start_step(*a, **k)
+
+    trainer._to_device, trainer.train_step = timed_to_device, step_with_clock
+    return per_step
 
 
 def _caller_outside_torch() -> str:
@@ -327,13 +360,17 @@ def measure(variant: str, config: ModelConfig, args, device, compile_model: bool
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     if name in ("raw", "loop"):
-        seconds = measure_raw(config, args, device, compile_model) if name == "raw" else \
-            measure_loop(config, opts, args, device, compile_model)
+        note = ""
+        if name == "raw":
+            seconds = measure_raw(config, args, device, compile_model)
+        else:
+            seconds, input_seconds = measure_loop(config, opts, args, device, compile_model)
+            note = f"input {input_seconds * 1e3:.2f} ms/step ({input_seconds / seconds:.2%})"
         tokens_per_second = args.batch * args.seq_len / seconds
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0
         gc.collect()
         return Result(variant, tokens_per_second, tokens_per_second * flops_per_token(config, args.seq_len) / H100_PEAK_BF16,
-                      seconds * 1000, peak)
+                      seconds * 1000, peak, note=note)
     if name == "baseline":
         step, keep = run_baseline(config, options, args, device, compile_model)
     elif name.startswith("zero"):
