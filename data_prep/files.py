@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lmforge.errors import LmforgeError
+from lmforge.out_of_space import describe as describe_space, is_out_of_space
+from lmforge.ownership import OWNER_FILE
 
 _CHUNK = 1 << 20
 
@@ -43,6 +45,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(temp, path)
     except OSError as err:
         temp.unlink(missing_ok=True)
+        if is_out_of_space(err):
+            raise LmforgeError(f"{path}: {describe_space(path.parent, len(data))}; the partial file was removed, "
+                               "complete files are kept: free space and rerun") from None
         raise LmforgeError(f"{path}: cannot write ({err.strerror or err}); choose a writable location") from None
 
 
@@ -88,6 +93,8 @@ def output_directory(directory: Path) -> Iterator[Path]:
     except BaseException:
         for folder in created:
             try:
+                if [p.name for p in folder.iterdir()] == [OWNER_FILE]:  # the marker alone is not a written output
+                    (folder / OWNER_FILE).unlink()
                 folder.rmdir()
             except OSError:  # not empty: something was written, keep it
                 break
