@@ -207,7 +207,10 @@ def write_owner(folder: Path, kind: str, verb: str, **extra: Any) -> None:
         os.replace(temp, path)
     except OSError as err:
         temp.unlink(missing_ok=True)
-        raise LmforgeError(f"{path}: cannot write ({err.strerror or err}); choose a writable location") from None
+        from lmforge.out_of_space import describe, is_out_of_space
+
+        reason = describe(path.parent, 4096) if is_out_of_space(err) else f"cannot write ({err.strerror or err})"
+        raise LmforgeError(f"{path}: {reason}; choose a writable location with free space") from None
 
 
 def config_paths(config: Any, skip: tuple[str, ...] = ("run.dir",)) -> dict[str, list[Path]]:

@@ -3,8 +3,9 @@
 The main process (rank 0) takes `fcntl.flock(LOCK_EX | LOCK_NB)` on RUN_DIR/.lock and keeps the file
 open for its lifetime; the kernel releases the lock when the process ends in any way (exit, crash,
 SIGKILL, node reboot of a local disk), so no stale lock is ever left to clean up. The file holds the
-holder's pid, host and start time, which a refused second process names in its one-line error. The
-lock file itself is never deleted (deleting it would let two processes lock two different files).
+holder's pid, host and start time while it is held, which a refused second process names in its one-line
+error; a clean exit empties it again. The lock file itself is never deleted (deleting it would let two
+processes lock two different files).
 
 flock is per open file: on NFS it is emulated with POSIX locks by Linux (>= 2.6.12), which also
 release on death; some old or misconfigured network filesystems ignore locks (docs/reliability.md).
@@ -64,9 +65,21 @@ def acquire(run_dir: Path) -> Path:
 
 
 def release(run_dir: Path) -> None:
-    """Unlocks RUN_DIR/.lock if this process holds it (the kernel does the same at exit)."""
-    fd = _held.pop(os.path.realpath(Path(run_dir) / LOCK_FILE), None)
+    """Empties and unlocks RUN_DIR/.lock if this process holds it (a killed process's lock the kernel
+    releases, its details left in the file until the next holder overwrites them)."""
+    _release(os.path.realpath(Path(run_dir) / LOCK_FILE))
+
+
+def release_all() -> None:
+    """Releases every lock this process holds (the entry points' shutdown calls it)."""
+    for key in list(_held):
+        _release(key)
+
+
+def _release(key: str) -> None:
+    fd = _held.pop(key, None)
     if fd is not None:
+        os.ftruncate(fd, 0)  # at rest the file is empty: a finished or refused run leaves it byte-identical
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
