@@ -16,6 +16,7 @@ import pytest
 
 from lmforge import run_lock
 from lmforge.errors import LmforgeError
+from pretrain import checkpoint
 from tests.lmforge.test_ownership import assert_refused, lmforge, train_args
 from tests.pretrain.test_reliability_bad_inputs import snapshot
 from tests.pretrain.training_runs import REPO, run_env, start_training, wait_for_checkpoint
@@ -101,9 +102,10 @@ def test_two_train_processes_on_one_run_dir_one_is_refused_and_a_killed_run_resu
         first.wait(timeout=60)
     # the SIGKILLed run left its lock file but no lock: the rerun takes it and resumes
     assert json.loads((run / ".lock").read_text())["pid"] == first.pid
-    resumed = lmforge(*train_args(ws, run, "train.max_steps=5", "run.log_interval=1"))
+    saved = checkpoint.step_of_tag(checkpoint.latest_tag(run))
+    resumed = lmforge(*train_args(ws, run, f"train.max_steps={saved + 2}", "run.log_interval=1"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "done at step 5" in resumed.stdout
+    assert f"at step {saved}" in resumed.stdout and f"done at step {saved + 2}" in resumed.stdout
 
 
 @pytest.mark.slow
@@ -117,7 +119,8 @@ def test_a_second_sft_on_a_locked_run_dir_is_refused_and_changes_nothing(finishe
         (ws / "sft.jsonl").write_text('{"prompt": "a", "response": "b"}\n' * 8)
         before = snapshot(ws)
         result = lmforge("sft", "--set", f"init.from_run={ws / 'run'}", "--set", f"data.train={ws / 'sft.jsonl'}",
-                         "--set", f"run.dir={sft}", "--set", "train.max_steps=1", "--set", "run.progress_bar=false",
+                         "--set", f"run.dir={sft}", "--set", "train.max_steps=1", "--set", "train.warmup_steps=1",
+                         "--set", "run.progress_bar=false",
                          "--set", "run.tensorboard=false")
         assert_refused(result, f"in use by another lmforge process (pid {holder.pid}")
         after = snapshot(ws)
