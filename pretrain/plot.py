@@ -1,4 +1,7 @@
-"""`lmforge plot RUN_DIR`: training and validation loss against tokens, as RUN_DIR/loss.png."""
+"""`lmforge plot RUN_DIR`: training and validation loss against tokens, as RUN_DIR/loss.png.
+
+Torn lines of metrics.jsonl are skipped (pretrain.metrics.read_metrics); a loss.png in a folder that is
+not an lmforge run is never replaced."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from lmforge import ownership
 from lmforge.errors import LmforgeError, run_cli
 from pretrain.metrics import read_metrics
 
@@ -31,6 +35,9 @@ def plot_losses(run_dir: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     out = run_dir / "loss.png"
+    if out.exists() and ownership.kind_of(run_dir)[0] not in ("run", "posttrain-run"):
+        raise LmforgeError(f"{out}: exists and {run_dir} is not an lmforge run directory; nothing was changed: "
+                           "move the file away to plot here")
     tmp = run_dir / ".loss.tmp.png"
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -74,6 +74,11 @@ def test_readers_skip_torn_binary_and_non_record_lines(tmp_path):
     from pretrain.plot import plot_losses
 
     assert plot_losses(tmp_path).is_file()
+    # a loss.png of the user's, in a folder that is not an lmforge run, is never replaced
+    (tmp_path / "loss.png").write_bytes(b"my figure")
+    with pytest.raises(LmforgeError, match="is not an lmforge run directory; nothing was changed"):
+        plot_losses(tmp_path)
+    assert (tmp_path / "loss.png").read_bytes() == b"my figure"
 
 
 def test_a_fresh_start_keeps_an_earlier_attempts_metrics_aside(tmp_path, capsys):
