@@ -159,7 +159,7 @@ def _save_failed(folder: Path, reason: str, run_dir: Path) -> LmforgeError:
     if is_out_of_space(RuntimeError(reason)):
         space = f"; {describe_space(folder.parent, _checkpoint_bytes(run_dir, kept[-1]) if kept else None)}"
     return LmforgeError(
-        f"{folder}: checkpoint not written ({reason}){space}; the partial folder was removed; {previous}; free space under run.dir "
+        f"{folder}: checkpoint not written ({reason}); {previous}; the partial folder was removed{space}; free space under run.dir "
         "(or lower train.keep_last, or move run.dir) and rerun the same command to resume"
     )
 
