@@ -78,13 +78,19 @@ def _safetensors_metadata(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _has_complete(checkpoints: Path) -> bool:
+    try:
+        return any((p / "COMPLETE").is_file() for p in checkpoints.iterdir())
+    except OSError:
+        return False
+
+
 def legacy_kind(folder: Path) -> str | None:
     """The kind of an lmforge folder made before markers existed, recognised by its files; None if not one."""
     folder = Path(folder)
     config = folder / "config.yaml"
     checkpoints = folder / "checkpoints"
-    if config.is_file() and checkpoints.is_dir() and (
-            (checkpoints / "latest").is_file() or any((p / "COMPLETE").is_file() for p in checkpoints.iterdir())):
+    if config.is_file() and checkpoints.is_dir() and ((checkpoints / "latest").is_file() or _has_complete(checkpoints)):
         try:
             import yaml
 

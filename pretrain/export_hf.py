@@ -5,9 +5,10 @@ config.json for LlamaForCausalLM (llama) or GPT2LMHeadModel (gpt2), generation_c
 the tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model;
 for a run made by `lmforge import-hf`, the source model's own tokenizer files). RUN_DIR may also be a
 post-training run: SFT, DPO, or PPO (its actor); a reward model is refused (pretrain.eval_checkpoint).
-Nothing in DIR refers to lmforge: `AutoModelForCausalLM.from_pretrained(DIR)` and
-`AutoTokenizer.from_pretrained(DIR)` need only transformers. DIR appears complete or not at all:
-it is written beside its final place, then renamed.
+Nothing in DIR needs lmforge: `AutoModelForCausalLM.from_pretrained(DIR)` and
+`AutoTokenizer.from_pretrained(DIR)` need only transformers (DIR/.lmforge-owner.json marks it as an
+export, so `--overwrite` replaces only an earlier export: lmforge.ownership). DIR appears complete or
+not at all: it is written beside its final place, then renamed; out of space, nothing is left.
 """
 from __future__ import annotations
 

@@ -169,7 +169,7 @@ def test_export_writes_transformers_files_and_shards_large_weights(exported):
     _, sharded = exported["runs"]["gpt2-zero3"]
     assert {p.name for p in single.iterdir()} == {
         "model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-        "special_tokens_map.json", "tokenizer.model"}
+        "special_tokens_map.json", "tokenizer.model", ".lmforge-owner.json"}  # the marker: lmforge.ownership
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     shard_files = set(index["weight_map"].values())
     assert len(shard_files) > 1 and all((sharded / f).is_file() for f in shard_files)
