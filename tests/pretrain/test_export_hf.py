@@ -266,7 +266,7 @@ def test_gqa_gpt2_and_a_non_empty_output_are_refused(exported, tmp_path, capsys)
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")
     code = run_cli(export_hf.main, ["--checkpoint", str(exported["runs"]["llama-zero0"][0]), "--output", str(taken)])
-    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert code == 2 and "files lmforge did not write (keep.txt)" in capsys.readouterr().err
     assert (taken / "keep.txt").read_text() == "mine"
 
 
