@@ -217,5 +217,13 @@ def save_config(config: Any, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as err:
+        from lmforge.out_of_space import describe, is_out_of_space
+
+        tmp.unlink(missing_ok=True)
+        reason = describe(path.parent, len(text.encode())) if is_out_of_space(err) else f"cannot write ({err.strerror or err})"
+        raise LmforgeError(f"{path}: {reason}; nothing else was changed") from None

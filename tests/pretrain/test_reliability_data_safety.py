@@ -144,6 +144,20 @@ def test_a_python_write_on_a_full_disk_names_the_file_and_its_size(small_disk):
     assert sorted(p.name for p in disk.iterdir()) == ["kept.bin"]
 
 
+def test_a_config_or_owner_marker_write_on_a_full_disk_is_one_line_and_leaves_no_temp_file(small_disk):
+    from lmforge import ownership
+    from lmforge.config import save_config
+    from pretrain.config import load_pretrain_config
+
+    disk = small_disk("1M")
+    filler = fill(disk, leave=0)
+    with pytest.raises(LmforgeError, match=r"config.yaml: out of space \(about \d+ B needed, 0 B free"):
+        save_config(load_pretrain_config("tiny"), disk / "config.yaml")
+    with pytest.raises(LmforgeError, match=r".lmforge-owner.json: out of space \(about 4.1 KB needed"):
+        ownership.write_owner(disk, "run", "train")
+    assert list(disk.iterdir()) == [filler]
+
+
 @pytest.mark.slow
 def test_a_training_save_on_a_really_full_disk_keeps_the_previous_checkpoint_and_the_rerun_finishes(ws, small_disk):
     disk = small_disk("48M")
