@@ -222,6 +222,23 @@ def test_a_tokenizer_on_a_full_disk_is_one_line_and_leaves_no_folder(small_disk,
 
 
 # ---- resume records -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", [b'{"format_version": 1, "tag": "step_0000', b"\xff\xfe\x00garbage", b"[1, 2, 3]",
+                                    b'{"step": 4, "files": "not a table"}'], ids=["torn", "binary", "a-list", "files-not-a-table"])
+def test_a_damaged_complete_record_is_one_line_and_fallback_uses_the_previous(tmp_path, damage, capsys):
+    from pretrain import resume
+
+    for step in (2, 4):
+        checkpoint.save(FileWritingEngine(1000), tmp_path, step, {"step": step}, keep_last=2)
+    record = tmp_path / "checkpoints" / "step_00000004" / "COMPLETE"
+    record.write_bytes(damage)
+    with pytest.raises(LmforgeError, match=f"{record}: not a checkpoint record .*--resume-fallback .* step_00000002"):
+        resume.choose_tag(tmp_path, fallback=False)
+    assert record.read_bytes() == damage  # refused: nothing changed
+    assert resume.choose_tag(tmp_path, fallback=True) == "step_00000002"
+    assert "falling back to" in capsys.readouterr().out
+    assert not record.exists() and (record.parent / "DAMAGED").read_bytes().startswith(damage)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000002"
+
 @pytest.mark.slow
 def test_the_checkpoint_record_holds_what_a_resume_must_match(finished_tiny_run):
     record = checkpoint.read_record(finished_tiny_run / "run" / "checkpoints" / "step_00000002")
