@@ -100,3 +100,26 @@ def test_a_finished_sft_run_says_nothing_to_do_and_changes_nothing(ws, tiny_corp
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"nothing to do: {ws / 'sft'} already at step 4 ≥ train.max_steps = 4" in result.stdout
     assert snapshot(ws) == before
+
+
+def test_ppo_resume_checks_the_actor_and_critic_and_a_finished_run_has_nothing_to_do(tiny_corpus_shards, tmp_path):
+    from tests.posttrain.synthetic import prompts
+    from tests.posttrain.test_ppo import ppo_sets
+
+    prompt_file = write_jsonl(tmp_path / "prompts.jsonl", prompts(32, seed=0))
+    sets = ppo_sets(tiny_corpus_shards.tokenizer_dir, tmp_path / "ppo", prompt_file, **{
+        "train.max_steps": 2, "train.save_interval": 2, "ppo.rollout_batch_size": 8, "ppo.epochs": 1, "ppo.max_new_tokens": 8})
+    first = run_verb("ppo", sets)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = snapshot(tmp_path)
+    done = run_verb("ppo", sets)
+    assert done.returncode == 0 and f"nothing to do: {tmp_path / 'ppo'} already at step 2 ≥ train.max_steps = 2" in done.stdout
+    assert snapshot(tmp_path) == before
+    critic = next((tmp_path / "ppo" / "critic" / "checkpoints" / "step_00000002").glob("mp_rank_00_model_states.pt"))
+    data = bytearray(critic.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    critic.write_bytes(bytes(data))
+    before = snapshot(tmp_path)
+    assert_refused(run_verb("ppo", {**sets, "train.max_steps": 4}), f"{critic}: sha256 does not match the checkpoint record",
+                   "the critic of")
+    assert snapshot(tmp_path) == before
