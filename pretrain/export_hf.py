@@ -77,6 +77,11 @@ def _check_output(output: Path, overwrite: bool, run_dir: Path, tokenizer: Path 
                                    {"--checkpoint": run_dir, "--tokenizer": tokenizer})
     if found and not overwrite:
         raise LmforgeError(f"--output {output}: holds an earlier export; pass --overwrite to replace it")
+    written = (ownership.read_owner(output) or {}).get("files")
+    added = sorted(set(ownership.user_entries(output)) - set(written)) if found and written is not None else []
+    if added:  # --overwrite replaces the export, never what the user put beside it
+        raise LmforgeError(f"--output {output}: the earlier export there now also holds files it did not write "
+                           f"({', '.join(added[:3])}); nothing was changed: move them away or choose another --output")
 
 
 def _staging_dir(output: Path) -> Path:
@@ -123,7 +128,7 @@ def export(run_dir: Path, output: Path, step: int | None = None, dtype: str = "f
             files += copy_source_tokenizer(Path(run_dir), staging)[0]
         for name in files:  # safetensors writes owner-only files; a model directory is for sharing
             (staging / name).chmod(0o644)
-        ownership.write_owner(staging, "export", "export-hf", checkpoint=str(Path(run_dir) / "checkpoints" / tag))
+        ownership.write_owner(staging, "export", "export-hf", checkpoint=str(Path(run_dir) / "checkpoints" / tag), files=files)
         _move_into_place(staging, Path(output))
     except Exception as err:  # OSError, torch's RuntimeError or safetensors' own error on a full disk
         if not is_out_of_space(err):

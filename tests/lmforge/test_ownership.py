@@ -167,6 +167,11 @@ def test_export_hf_overwrite_replaces_only_an_earlier_export(ws):
     again = lmforge("export-hf", "--checkpoint", ws / "run", "--output", ws / "hf", "--overwrite")
     assert again.returncode == 0, again.stderr[-3000:]
     assert (ws / "hf" / "model.safetensors").is_file()
+    (ws / "hf" / "my_notes.md").write_text("results of my evaluation")  # --overwrite must not delete this
+    before = snapshot(ws)
+    assert_refused(lmforge("export-hf", "--checkpoint", ws / "run", "--output", ws / "hf", "--overwrite"),
+                   "the earlier export there now also holds files it did not write (my_notes.md)")
+    assert snapshot(ws) == before
     (ws / "theirs").mkdir()
     (ws / "theirs" / "README.md").write_text("a model I downloaded")
     before = snapshot(ws)
