@@ -81,6 +81,11 @@ def _directory_files(root: Path, patterns: Sequence[str]) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+def corpus_inputs(spec: CorpusSpec) -> dict[str, list[Path]]:
+    """The --input paths (not 'stdlib'), for lmforge.ownership's check that an output does not overlap them."""
+    return {"--input": [Path(name) for name in spec.inputs if name != STDLIB]}
+
+
 def list_files(spec: CorpusSpec) -> list[Path]:
     """The source files of `spec`, in reading order; a missing input is a one-line error."""
     files: list[Path] = []

@@ -25,14 +25,16 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from data_prep.corpus import Corpus, CorpusSpec
+from data_prep.corpus import Corpus, CorpusSpec, corpus_inputs, list_files
 from data_prep.indexed_dataset import IndexedDatasetWriter, bin_path, idx_path, token_dtype
 from lmforge.files import atomic_write_bytes, atomic_write_json, clean_temp_files, ensure_writable_dir, sha256_file
 from data_prep.manifest import (
     FORMAT_VERSION, MANIFEST_FILE, SPLITS, Manifest, Shard, Split, TokenizerRef, manifest_from_json, manifest_to_json,
 )
 from data_prep.tokenizer import Tokenizer
+from lmforge import ownership
 from lmforge.errors import LmforgeError
+from lmforge.out_of_space import describe as describe_space, is_out_of_space
 
 PARTIAL_FILE = "manifest.partial.json"
 TOKENIZER_COPY = "tokenizer.model"
@@ -313,6 +315,8 @@ def build_shards(spec: CorpusSpec, tokenizer_path: Path, output_dir: Path, optio
     started = time.perf_counter()
     tokenizer = Tokenizer.load(tokenizer_path)
     corpus = Corpus(spec)
+    ownership.check_output(Path(output_dir), "shards", "prep shards", "--output",
+                           {**corpus_inputs(spec), "--tokenizer": Path(tokenizer_path)})
     directory = ensure_writable_dir(Path(output_dir))
     run_key = _run_key(corpus, tokenizer, options)
     state = _check_output_dir(directory, tokenizer, run_key)
@@ -322,6 +326,7 @@ def build_shards(spec: CorpusSpec, tokenizer_path: Path, output_dir: Path, optio
             return _summary(manifest, len(manifest.shards), started)
         state = None
     clean_temp_files(directory)
+    ownership.claim(directory, "shards", "prep shards")
     (directory / MANIFEST_FILE).unlink(missing_ok=True)  # from here on the directory is incomplete
     if not (directory / TOKENIZER_COPY).is_file():
         atomic_write_bytes(directory / TOKENIZER_COPY, tokenizer.model_bytes())
@@ -331,11 +336,20 @@ def build_shards(spec: CorpusSpec, tokenizer_path: Path, output_dir: Path, optio
     writers = {split: _SplitWriter(directory, split, dtype, done[split]) for split in SPLITS}
     next_document = dict(state.get("next_document", {})) if state else {}
     stats: dict[str, Any] = {"digest": hashlib.sha256(), "documents": 0, "bytes": 0}
-    with _worker_pool(tokenizer, options.workers) as pool:  # before tqdm starts its monitor thread
-        batches = _encoded(_batches(corpus, options, resume, stats), tokenizer, pool, 2 * options.workers)
-        _write_batches(batches, writers, options, started, progress,
-                       lambda: _save_partial(directory, tokenizer, spec, options, writers, next_document, run_key),
-                       next_document)
+    try:
+        with _worker_pool(tokenizer, options.workers) as pool:  # before tqdm starts its monitor thread
+            batches = _encoded(_batches(corpus, options, resume, stats), tokenizer, pool, 2 * options.workers)
+            _write_batches(batches, writers, options, started, progress,
+                           lambda: _save_partial(directory, tokenizer, spec, options, writers, next_document, run_key),
+                           next_document)
+    except OSError as err:  # the open shard's temp files are already removed (_SplitWriter.abort)
+        if not is_out_of_space(err):
+            raise
+        kept = sum(len(w.shards) for w in writers.values())
+        needed = sum(p.stat().st_size for p in list_files(spec) if p.is_file()) * dtype.itemsize // 4
+        raise LmforgeError(f"--output {directory}: {describe_space(directory, needed)}; the shard being written was "
+                           f"removed, the {kept} complete shard(s) are kept: free space and rerun the same command "
+                           "to continue") from None
     corpus_info = {"documents": stats["documents"], "bytes": stats["bytes"], "sha256": stats["digest"].hexdigest(),
                    "skipped_documents": corpus.skipped_documents}
     shards = [s for split in SPLITS for s in writers[split].shards]

@@ -18,7 +18,8 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from data_prep.corpus import Corpus, CorpusSpec, describe_inputs
+from data_prep.corpus import Corpus, CorpusSpec, corpus_inputs, describe_inputs
+from lmforge import ownership
 from lmforge.errors import LmforgeError
 from lmforge.files import atomic_write_bytes, atomic_write_json, output_directory
 
@@ -156,9 +157,11 @@ def train_tokenizer(spec: CorpusSpec, options: TokenizerOptions, output_dir: Pat
     When DIR already holds the model of the same inputs (paths, sizes, mtimes) and options, nothing is redone.
     """
     corpus = Corpus(spec)
+    ownership.check_output(Path(output_dir), "tokenizer", "prep tokenizer", "--output", corpus_inputs(spec))
     if tokenizer_is_current(spec, options, output_dir):
         return Path(output_dir) / MODEL_FILE
     with output_directory(Path(output_dir)) as directory:
+        ownership.claim(directory, "tokenizer", "prep tokenizer")
         return _train_into(corpus, spec, options, directory, progress)
 
 

@@ -23,5 +23,5 @@ lmforge eval --checkpoint "$run" --data data/stdlib --split valid
 step "5/6 sample"
 lmforge generate --checkpoint "$run" --prompt "def " --max-new-tokens 80 --seed 0
 step "6/6 export: Hugging Face transformers format"
-lmforge export-hf --checkpoint "$run" --output "$run/hf" --overwrite
-printf '\ndone: metrics %s/metrics.jsonl, plot %s/loss.png, HF model %s/hf\n' "$run" "$run" "$run"
+lmforge export-hf --checkpoint "$run" --output "${run}-hf" --overwrite  # beside the run: never inside an input
+printf '\ndone: metrics %s/metrics.jsonl, plot %s/loss.png, HF model %s-hf\n' "$run" "$run" "$run"

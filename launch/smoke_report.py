@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -26,7 +25,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = metrics_path(run_dir)
     if not path.is_file():
         raise LmforgeError(f"{path}: not found; did the smoke run train?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from pretrain.metrics import parse_lines  # a torn last line (a killed run) is skipped
+
+    records = parse_lines(path.read_bytes())[0]
     return [r for r in records if r.get("loss") is not None]
 
 

@@ -217,4 +217,11 @@ def save_config(config: Any, path: Path) -> None:
     """Writes the resolved config as YAML, atomically (temp + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    try:
+        write_atomic(path, text)
+    except OSError as err:
+        from lmforge.out_of_space import describe, is_out_of_space
+
+        reason = describe(path.parent, len(text.encode())) if is_out_of_space(err) else f"cannot write ({err.strerror or err})"
+        raise LmforgeError(f"{path}: {reason}; nothing else was changed") from None

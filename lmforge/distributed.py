@@ -137,12 +137,16 @@ def broadcast_object(obj, src: int = 0):
 
 
 def shutdown() -> None:
-    """Destroys the process group; without it gloo's threads abort the process at exit."""
+    """Destroys the process group (without it gloo's threads abort the process at exit) and releases the
+    run directory's lock once every rank is done (lmforge.run_lock)."""
     import torch.distributed as dist
+
+    from lmforge import run_lock
 
     if is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    run_lock.release_all()
     _finalize_mpi()
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
 from lmforge.errors import LmforgeError
+from lmforge.out_of_space import describe as describe_space, is_out_of_space
+from lmforge.run_layout import OWNER_FILE
 
 _CHUNK = 1 << 20
 
@@ -59,10 +61,14 @@ def write_atomic(path: Path, content: Content) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """write_atomic, with a one-line LmforgeError for a path that cannot be written."""
+    """write_atomic, with a one-line LmforgeError for a path that cannot be written (a full disk:
+    the space needed; the partial file removed, complete files kept)."""
     try:
         write_atomic(path, data)
     except OSError as err:
+        if is_out_of_space(err):
+            raise LmforgeError(f"{path}: {describe_space(path.parent, len(data))}; the partial file was removed, "
+                               "complete files are kept: free space and rerun") from None
         raise LmforgeError(f"{path}: cannot write ({err.strerror or err}); choose a writable location") from None
 
 
@@ -108,6 +114,8 @@ def output_directory(directory: Path) -> Iterator[Path]:
     except BaseException:
         for folder in created:
             try:
+                if [p.name for p in folder.iterdir()] == [OWNER_FILE]:  # the marker alone is not a written output
+                    (folder / OWNER_FILE).unlink()
                 folder.rmdir()
             except OSError:  # not empty: something was written, keep it
                 break

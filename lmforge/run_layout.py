@@ -42,3 +42,7 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 def metrics_path(run_dir: Path) -> Path:
     return Path(run_dir) / METRICS_FILE
+
+# In every folder lmforge creates (lmforge.ownership): what made it; and a run directory's lock (lmforge.run_lock).
+OWNER_FILE = ".lmforge-owner.json"
+LOCK_FILE = ".lock"

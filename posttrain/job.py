@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from lmforge import ownership, run_lock
 from lmforge.config import save_config
 from lmforge.distributed import bf16_supported, launcher_world_size
 from lmforge.errors import LmforgeError
@@ -91,15 +92,21 @@ def prepare_job(config: PosttrainConfig, world_size: int, train: TrainConfig | N
     return Job(config, ds_config, tokenizer)
 
 
-def start_ranks(job: Job, train: TrainConfig | None = None):
-    """Creates run.dir (the last check: after the verb's data was read) and the process group; returns
-    (job, DistributedInfo), the job re-merged if MPI only now told the world size."""
+def start_ranks(job: Job, train: TrainConfig | None = None, verb: str = "sft"):
+    """Checks run.dir may be written by `verb` (lmforge.ownership: not an input, not another kind of run),
+    creates it with its marker (the last check: after the verb's data was read), starts the process group
+    and locks run.dir (lmforge.run_lock); returns (job, DistributedInfo), the job re-merged if MPI only now
+    told the world size."""
     from lmforge import distributed
 
-    check_run_dir(job.config.run.dir)
+    run_dir = job.config.run.dir
+    ownership.check_output(run_dir, "posttrain-run", verb, "run.dir", ownership.config_paths(job.config), resolve_repo_path)
+    check_run_dir(run_dir)
+    ownership.claim(run_dir, "posttrain-run", verb)
     info = distributed.init_distributed()
     if info.world_size != launcher_world_size():
         job = prepare_job(job.config, info.world_size, train)
+    run_lock.acquire_on_main(run_dir, distributed.is_main(), distributed.broadcast_object)
     return job, info
 
 

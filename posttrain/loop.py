@@ -37,9 +37,13 @@ def weighted_mean_over_ranks(sums: dict[str, torch.Tensor], weight: torch.Tensor
     return {k: v / max(total, 1e-12) for k, v in reduced.items()}
 
 
-def resume(engine, run_dir, expect: str) -> int:
-    """Loads RUN_DIR's latest checkpoint into `engine`; returns its step (0 for a fresh run)."""
-    tag = checkpoint.latest_tag(run_dir)
+def resume(engine, run_dir, expect: str, fallback: bool = False) -> int:
+    """Loads RUN_DIR's latest checkpoint into `engine`, checked against its record's checksums as
+    pretraining does (pretrain.resume.choose_tag; `fallback`: run.resume_fallback); returns its step
+    (0 for a fresh run)."""
+    from pretrain.resume import choose_tag
+
+    tag = choose_tag(run_dir, fallback)
     if tag is None:
         return 0
     state = checkpoint.load(engine, run_dir, tag)
@@ -56,7 +60,7 @@ class SupervisedLoop:
     def __init__(self, job: Job, engine, verb: str):
         self.job, self.engine, self.verb = job, engine, verb
         self.device = engine.device
-        self.step = resume(engine, job.config.run.dir, verb)
+        self.step = resume(engine, job.config.run.dir, verb, job.config.run.resume_fallback)
 
     def save(self) -> None:
         train = self.job.config.train

@@ -27,11 +27,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ppo_job = prepare_ppo(config, launcher_world_size())
     from posttrain.ppo_trainer import PPOTrainer  # DeepSpeed is imported only once every input is checked
 
-    job, info = start_ranks(ppo_job.job, actor_train_section(ppo_job.job.config))
+    job, info = start_ranks(ppo_job.job, actor_train_section(ppo_job.job.config), verb="ppo")
     if job is not ppo_job.job:
         ppo_job = prepare_ppo(job.config, info.world_size)
     try:
         trainer = PPOTrainer(ppo_job, info)
+        if trainer.step >= job.config.train.max_steps:
+            if distributed.is_main():
+                print(f"nothing to do: {job.config.run.dir} already at step {trainer.step} ≥ train.max_steps = "
+                      f"{job.config.train.max_steps}", flush=True)
+            return 0
         started = time.perf_counter()
         last = trainer.run()
         if distributed.is_main() and last:

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from lmforge.errors import LmforgeError
 from posttrain.batches import ExampleOrder
 from posttrain.frozen_models import build_frozen, weight_dtype
 from posttrain.heads import ScalarHeadModel
@@ -79,8 +80,12 @@ class PPOTrainer:
         from posttrain.loop import resume
 
         run_dir = self.config.run.dir
-        self.step = resume(self.actor, run_dir, "ppo")
+        self.step = resume(self.actor, run_dir, "ppo", self.config.run.resume_fallback)
         if self.step:
+            damage = checkpoint.damage(run_dir / CRITIC_DIR, checkpoint.tag_for_step(self.step))
+            if damage:
+                raise LmforgeError(f"{damage[0]}; the critic of {checkpoint.checkpoints_dir(run_dir) / checkpoint.tag_for_step(self.step)} "
+                                   "is damaged: train into a new run.dir")
             state = checkpoint.load(self.critic, run_dir / CRITIC_DIR, checkpoint.tag_for_step(self.step))
             self.kl.coef = float(state["kl_coef"])
             self.moments.load(state["moments"])

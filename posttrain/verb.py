@@ -45,13 +45,18 @@ def run_supervised_verb(verb: SupervisedVerb, argv: Sequence[str] | None) -> int
     config = load_posttrain_config(args.config, args.set)
     job = prepare_job(config, launcher_world_size())
     data = verb.load_data(job)
-    job, info = start_ranks(job)
+    job, info = start_ranks(job, verb=verb.name)
     try:
         cfg = job.config
         engine = build_engine(build_initial(cfg, verb.model_kind), job.ds_config, cfg.train.weight_decay, cfg.train.compile,
                               cfg.train.decay_embeddings)
         step = verb.make_step(job, engine, data, info)
         loop = SupervisedLoop(job, engine, verb.name)
+        if loop.step >= cfg.train.max_steps:
+            if distributed.is_main():
+                print(f"nothing to do: {cfg.run.dir} already at step {loop.step} ≥ train.max_steps = {cfg.train.max_steps}",
+                      flush=True)
+            return 0
         if distributed.is_main():
             print(f"{verb.name}: {verb.describe(job, data)}, {info.world_size} rank(s), run dir {cfg.run.dir}", flush=True)
         last = loop.run(step.micro_loss, step.evaluate)

@@ -23,6 +23,7 @@ import torch
 from lmforge import distributed
 from lmforge.errors import LmforgeError
 from lmforge.files import write_atomic
+from lmforge.out_of_space import describe as describe_space, is_out_of_space
 from lmforge.run_layout import CHECKPOINTS_DIR, COMPLETE_MARKER, DAMAGED_MARKER, LATEST_FILE  # noqa: F401 (re-exported)
 from pretrain import faults
 
@@ -66,12 +67,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def read_record(folder: Path) -> dict[str, Any]:
     """The COMPLETE record of a checkpoint folder ({"step": N} for one written before records)."""
-    text = (Path(folder) / COMPLETE_MARKER).read_text()
+    data = (Path(folder) / COMPLETE_MARKER).read_bytes()
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError:
+        record = json.loads(data.decode("utf-8"))
+    except ValueError:  # not UTF-8 or not JSON: a damaged record
         raise LmforgeError(f"{Path(folder) / COMPLETE_MARKER}: not a checkpoint record (expected JSON)") from None
-    return {"step": record} if isinstance(record, int) else record
+    if isinstance(record, int):
+        return {"step": record}
+    if not isinstance(record, dict) or not isinstance(record.get("files", {}), dict):
+        raise LmforgeError(f"{Path(folder) / COMPLETE_MARKER}: not a checkpoint record (expected a JSON object with its files)")
+    return record
 
 
 def complete_tags(run_dir: Path) -> list[str]:
@@ -129,11 +134,23 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def _checkpoint_bytes(run_dir: Path, tag: str) -> int | None:
+    """Bytes of a complete checkpoint, from its record (None if unknown)."""
+    try:
+        files = read_record(checkpoints_dir(run_dir) / tag).get("files", {})
+        return sum(int(f["bytes"]) for f in files.values()) or None
+    except (LmforgeError, OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _save_failed(folder: Path, reason: str, run_dir: Path) -> LmforgeError:
     kept = complete_tags(run_dir)
     previous = f"the previous checkpoint {checkpoints_dir(run_dir) / kept[-1]} is kept" if kept else "no earlier checkpoint exists"
+    space = ""
+    if is_out_of_space(RuntimeError(reason)):
+        space = f"; {describe_space(folder.parent, _checkpoint_bytes(run_dir, kept[-1]) if kept else None)}"
     return LmforgeError(
-        f"{folder}: checkpoint not written ({reason}); {previous}; free space under run.dir "
+        f"{folder}: checkpoint not written ({reason}); {previous}; the partial folder was removed{space}; free space under run.dir "
         "(or lower train.keep_last, or move run.dir) and rerun the same command to resume"
     )
 
@@ -164,6 +181,10 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], keep_la
         faults.during_save(step, str(folder))
     except OSError as err:
         error = _describe_os_error(err)
+    except RuntimeError as err:  # torch.save on a full disk raises RuntimeError, not OSError
+        if not is_out_of_space(err):
+            raise
+        error = f"rank {distributed.rank()}: {str(err).strip().splitlines()[-1][:200]}"
     errors = [e for e in _all_gather(error) if e]
     if errors:
         if distributed.is_main():

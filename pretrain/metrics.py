@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.files import write_atomic
 from lmforge.run_layout import TENSORBOARD_DIR, metrics_path
+
 # Dense bf16 peak of the chips we run on, by the vendor's datasheet (flop/s).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
 
@@ -52,9 +56,21 @@ class MetricsWriter:
             self.tb = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None)
 
     def _truncate_after(self, step: int) -> None:
+        """Keeps the lines up to `step` (atomically); a torn line (a kill or a full disk mid-write) is
+        dropped with a note."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        records, torn = parse_lines(self.path.read_bytes())
+        if torn:
+            print(f"note: {self.path}: dropped {len(torn)} torn line(s) (line {', '.join(map(str, torn))}: "
+                  "not complete JSON, as a kill or a full disk leaves it)", flush=True)
+        if step == 0 and records:  # no checkpoint to resume from: an earlier attempt's metrics are kept aside, not lost
+            aside = self.path.with_name(f"metrics.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.jsonl")
+            os.replace(self.path, aside)
+            print(f"note: {self.path}: no checkpoint to resume from, so training starts at step 0; the earlier "
+                  f"metrics (to step {records[-1]['step']}) are kept as {aside}", flush=True)
+            return
+        kept = [json.dumps(r) for r in records if r["step"] <= step]
         write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -62,8 +78,12 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise LmforgeError(f"{self.path}: cannot append a metrics line ({err.strerror or err}); free space "
+                               "under run.dir and rerun the same command to resume") from None
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
@@ -75,6 +95,26 @@ class MetricsWriter:
             self.tb.close()
 
 
+def parse_lines(data: bytes) -> tuple[list[dict[str, Any]], list[int]]:
+    """The complete records of an append-only JSONL file and the numbers (from 1) of torn lines
+    skipped (not UTF-8, or not a JSON object with an integer `step`)."""
+    records, torn = [], []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:
+            torn.append(number)
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            torn.append(number)
+            continue
+        records.append(record)
+    return records, torn
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """RUN_DIR/metrics.jsonl's records; a torn line is skipped (parse_lines)."""
     path = metrics_path(run_dir)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return parse_lines(path.read_bytes())[0] if path.is_file() else []

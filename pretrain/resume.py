@@ -11,6 +11,7 @@ DeepSpeed's universal format (pretrain.universal_checkpoint).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,10 @@ def _problem(run_dir: Path, tag: str) -> str | None:
         return f"{checkpoints_dir(run_dir) / LATEST_FILE} names '{tag}', which is not a checkpoint tag"
     if not (folder / COMPLETE_MARKER).is_file():
         return f"{checkpoints_dir(run_dir) / LATEST_FILE} names '{tag}', which is missing or incomplete"
-    damage = checkpoint.damage(run_dir, tag)
+    try:
+        damage = checkpoint.damage(run_dir, tag)
+    except LmforgeError as err:  # the COMPLETE record itself is damaged (every rank reads the same file)
+        return str(err)
     if damage:
         more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
         return damage[0] + more
@@ -92,6 +96,49 @@ def check_model(record: dict[str, Any], model_config, folder: Path) -> None:
         )
 
 
+def data_identity(data) -> dict[str, Any]:
+    """What a resumed run must read as the original did: the shard directories, their weights, and
+    the tokenizer fingerprint their manifests name (None when a manifest cannot be read)."""
+    from pretrain.config import resolve_repo_path
+
+    paths = [resolve_repo_path(Path(p)) for p in data.path]
+    fingerprints, contents = [], []
+    for path in paths:
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+            fingerprints.append(manifest["tokenizer"]["fingerprint"])
+            contents.append(manifest.get("corpus", {}).get("sha256") or manifest.get("run_key"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            fingerprints.append(None)
+            contents.append(None)
+    return {"tokenizer_fingerprint": fingerprints[0] if len(set(fingerprints)) == 1 else fingerprints,
+            "data": {"path": [str(Path(os.path.realpath(p))) for p in paths], "content": contents,
+                     "weights": None if data.weights is None else list(data.weights)}}
+
+
+def check_data(record: dict[str, Any], data, folder: Path) -> None:
+    """The run reads the data the checkpoint was trained on: same tokenizer, shard directories and weights.
+
+    Records written before these keys existed are not checked."""
+    current = data_identity(data)
+    saved_fp, now_fp = record.get("tokenizer_fingerprint"), current["tokenizer_fingerprint"]
+    if saved_fp is not None and now_fp is not None and saved_fp != now_fp:
+        raise LmforgeError(f"{folder}: trained on shards of another tokenizer (fingerprint {str(saved_fp)[:16]}... there, "
+                           f"{str(now_fp)[:16]}... for data.path = {[str(p) for p in data.path]}); resume with the data "
+                           "it was trained on, or train into a new run.dir")
+    saved = record.get("data")
+    if not isinstance(saved, dict):
+        return
+    # The shards are compared by content (their manifest's corpus hash), so a moved copy resumes.
+    if "content" in saved and None not in saved["content"] + current["data"]["content"] and saved["content"] != current["data"]["content"]:
+        raise LmforgeError(f"{folder}: trained on other shards (data.path = {saved.get('path')} there, "
+                           f"{current['data']['path']} now, with other contents); resume with the data it was trained on, "
+                           "or train into a new run.dir")
+    if "weights" in saved and saved["weights"] != current["data"]["weights"]:
+        raise LmforgeError(f"{folder}: trained with data.weights = {saved['weights']}, the config says "
+                           f"{current['data']['weights']}; resume with the data it was trained on, or train into a new run.dir")
+
+
 def plan(config, data_parallel_size: int, zero_stage: int) -> ResumePoint | None:
     """Picks and checks the checkpoint to resume from; converts it to universal format if the ranks changed."""
     run_dir = config.run.dir
@@ -102,6 +149,7 @@ def plan(config, data_parallel_size: int, zero_stage: int) -> ResumePoint | None
     record = checkpoint.read_record(folder)
     check_model(record, config.model, folder)
     check_decay_groups(record, config.train, folder)
+    check_data(record, config.data, folder)
     saved_stages = record.get("pipeline_stages", 1)
     if saved_stages != config.parallel.pipeline_stages:
         raise LmforgeError(f"{folder}: written with parallel.pipeline_stages = {saved_stages}, the config says "
@@ -118,7 +166,8 @@ def plan(config, data_parallel_size: int, zero_stage: int) -> ResumePoint | None
 def record_for(config, global_batch: int) -> dict[str, Any]:
     """What the trainer adds to each checkpoint's COMPLETE record, for these checks."""
     return {"model": _plain(config_to_dict(config.model)), "global_batch": global_batch, "seed": config.train.seed,
-            "pipeline_stages": config.parallel.pipeline_stages, "decay_embeddings": config.train.decay_embeddings}
+            "pipeline_stages": config.parallel.pipeline_stages, "decay_embeddings": config.train.decay_embeddings,
+            **data_identity(config.data)}
 
 
 def check_decay_groups(record: dict[str, Any], train, folder: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lmforge import distributed
+from lmforge import distributed, ownership, run_lock
 from lmforge.config import save_config
 from lmforge.distributed import bf16_supported, launcher_world_size
 from lmforge.errors import LmforgeError, run_cli
@@ -66,8 +66,10 @@ def prepare(config: PretrainConfig, world_size: int, verify_checksums: bool = Tr
     if verify_checksums:
         run_checks.verify_shards(config.data)
     run_checks.open_datasets(config.data, config.train.seq_len, config.train.seed)
+    ownership.check_output(config.run.dir, "run", "train", "run.dir", ownership.config_paths(config), resolve_repo_path)
     run_checks.check_disk_space(config.run.dir, config.model, config.train.keep_last)
     run_checks.check_run_dir(config.run.dir)
+    ownership.claim(config.run.dir, "run", "train")
     return PreparedRun(config, ds_config)
 
 
@@ -281,8 +283,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = prepare(config, info.world_size)
     try:
         _progress(f"building the model and the DeepSpeed engine (ZeRO-{zero_stage_of(run.ds_config)})")
+        run_lock.acquire_on_main(run.config.run.dir, distributed.is_main(), distributed.broadcast_object)
         trainer = Trainer(run, info)
         trainer.resume()
+        if trainer.step >= run.config.train.max_steps:
+            if distributed.is_main():
+                print(f"nothing to do: {run.config.run.dir} already at step {trainer.step} ≥ train.max_steps = "
+                      f"{run.config.train.max_steps}", flush=True)
+            return 0
         if distributed.is_main():
             cfg = run.config
             print(

@@ -5,9 +5,10 @@ config.json for LlamaForCausalLM (llama) or GPT2LMHeadModel (gpt2), generation_c
 the tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model;
 for a run made by `lmforge import-hf`, the source model's own tokenizer files). RUN_DIR may also be a
 post-training run: SFT, DPO, or PPO (its actor); a reward model is refused (pretrain.run_weights).
-Nothing in DIR refers to lmforge: `AutoModelForCausalLM.from_pretrained(DIR)` and
-`AutoTokenizer.from_pretrained(DIR)` need only transformers. DIR appears complete or not at all:
-it is written beside its final place, then renamed.
+Nothing in DIR needs lmforge: `AutoModelForCausalLM.from_pretrained(DIR)` and
+`AutoTokenizer.from_pretrained(DIR)` need only transformers (DIR/.lmforge-owner.json marks it as an
+export, so `--overwrite` replaces only an earlier export: lmforge.ownership). DIR appears complete or
+not at all: it is written beside its final place, then renamed; out of space, nothing is left.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from typing import Sequence
 
 import torch
 
+from lmforge import ownership
 from lmforge.errors import LmforgeError, run_cli
+from lmforge.out_of_space import describe as describe_space, is_out_of_space
 from pretrain.run_weights import lm_state_dict
 from run_tools.hf_mapping import SpecialTokens, hf_config, to_hf
 from run_tools.hf_tokenizer import (
@@ -69,11 +72,17 @@ def generation_config(model: ModelConfig, special: SpecialTokens) -> dict:
     return config
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise LmforgeError(f"--output {output}: exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise LmforgeError(f"--output {output}: exists and is not empty; pass --overwrite to replace it")
+def _check_output(output: Path, overwrite: bool, run_dir: Path, tokenizer: Path | None) -> None:
+    """DIR may be new, empty, or (with --overwrite) an earlier export; never a run, an input, or a user's folder."""
+    found = ownership.check_output(output, "export", "export-hf", "--output",
+                                   {"--checkpoint": run_dir, "--tokenizer": tokenizer})
+    if found and not overwrite:
+        raise LmforgeError(f"--output {output}: holds an earlier export; pass --overwrite to replace it")
+    written = (ownership.read_owner(output) or {}).get("files")
+    added = sorted(set(ownership.user_entries(output)) - set(written)) if found and written is not None else []
+    if added:  # --overwrite replaces the export, never what the user put beside it
+        raise LmforgeError(f"--output {output}: the earlier export there now also holds files it did not write "
+                           f"({', '.join(added[:3])}); nothing was changed: move them away or choose another --output")
 
 
 def _staging_dir(output: Path) -> Path:
@@ -96,7 +105,7 @@ def export(run_dir: Path, output: Path, step: int | None = None, dtype: str = "f
            tokenizer: Path | None = None, max_shard_size: str = "5GB", overwrite: bool = False) -> list[str]:
     """Writes the HF model directory; returns the names of the files written."""
     max_shard_bytes = parse_size(max_shard_size)
-    _check_output(Path(output), overwrite)
+    _check_output(Path(output), overwrite, Path(run_dir), tokenizer)
     model = load_run_config(run_dir).model
     token_model = None
     if tokenizer is not None or not has_source_tokenizer(Path(run_dir)):
@@ -120,7 +129,14 @@ def export(run_dir: Path, output: Path, step: int | None = None, dtype: str = "f
             files += copy_source_tokenizer(Path(run_dir), staging)[0]
         for name in files:  # safetensors writes owner-only files; a model directory is for sharing
             (staging / name).chmod(0o644)
+        ownership.write_owner(staging, "export", "export-hf", checkpoint=str(Path(run_dir) / "checkpoints" / tag), files=files)
         _move_into_place(staging, Path(output))
+    except Exception as err:  # OSError, torch's RuntimeError or safetensors' own error on a full disk
+        if not is_out_of_space(err):
+            raise
+        needed = sum(v.numel() * v.element_size() for v in weights.values())
+        raise LmforgeError(f"--output {output}: {describe_space(Path(output).parent, needed)}; the partial export was "
+                           "removed and nothing else was changed; free space or choose another --output") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"exported {Path(run_dir) / 'checkpoints' / tag} ({model.arch}, {sum(v.numel() for v in weights.values()) / 1e6:.2f}M "

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from lmforge import ownership, run_lock
 from lmforge.config import config_from_mapping, config_to_dict, parse_overrides, read_yaml_mapping, save_config
 from lmforge.errors import LmforgeError, run_cli
 from lmforge.run_layout import SOURCE_TOKENIZER_DIR, config_path
@@ -107,6 +108,7 @@ def save_as_run(config: PretrainConfig, state: dict[str, torch.Tensor], model_di
     build_deepspeed_config(ds_path, config.train, launcher_world_size(), bf16_supported())  # a bad JSON fails here
     info = distributed.init_distributed()
     try:
+        run_lock.acquire_on_main(config.run.dir, distributed.is_main(), distributed.broadcast_object)
         ds_config = build_deepspeed_config(ds_path, config.train, info.world_size, bf16_supported())
         model = Transformer(config.model)
         model.load_state_dict(state)
@@ -130,10 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf = read_hf_config(model_dir)
     model = model_config_from_hf(hf, str(model_dir / "config.json"), tokenizer_vocab(model_dir))
     config = run_config(model, output, args.config, args.set)
+    ownership.check_output(output, "run", "import-hf", "--output", {"--model": model_dir})
     if checkpoint.complete_tags(output) or (checkpoint.checkpoints_dir(output) / checkpoint.LATEST_FILE).exists():
         raise LmforgeError(f"--output {output}: already holds checkpoints; choose a new run directory")
     state = mapped_weights(model_dir, model)
-    output.mkdir(parents=True, exist_ok=True)
+    ownership.claim(output, "run", "import-hf", source=str(model_dir))
     tag, kept = save_as_run(config, state, model_dir, hf)
     if kept is None:
         return 0

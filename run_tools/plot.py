@@ -1,4 +1,7 @@
-"""`lmforge plot RUN_DIR`: training and validation loss against tokens, as RUN_DIR/loss.png."""
+"""`lmforge plot RUN_DIR`: training and validation loss against tokens, as RUN_DIR/loss.png.
+
+Torn lines of metrics.jsonl are skipped (pretrain.metrics.read_metrics); a loss.png in a folder that is
+not an lmforge run is never replaced."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from lmforge import ownership
 from lmforge.errors import LmforgeError, run_cli
 from lmforge.files import write_atomic
 from lmforge.run_layout import LOSS_PLOT, metrics_path
@@ -33,6 +37,9 @@ def plot_losses(run_dir: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     out = run_dir / LOSS_PLOT
+    if out.exists() and ownership.kind_of(run_dir)[0] not in ("run", "posttrain-run"):
+        raise LmforgeError(f"{out}: exists and {run_dir} is not an lmforge run directory; nothing was changed: "
+                           "move the file away to plot here")
     write_atomic(out, lambda temp: fig.savefig(temp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
     return out

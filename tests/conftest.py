@@ -58,3 +58,17 @@ def tiny_corpus_shards(tmp_path_factory: pytest.TempPathFactory) -> TinyCorpus:
     options = ShardOptions(valid_fraction=0.15, seed=3, shard_tokens=100_000, workers=1)
     build_shards(spec, root / "tokenizer" / "tokenizer.model", root / "shards", options, progress=False)
     return TinyCorpus(files=files, tokenizer_dir=root / "tokenizer", shard_dir=root / "shards", vocab_size=TINY_VOCAB_SIZE)
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tiny_corpus_shards, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace with `shards/` and `run/`: a 2-step tiny pretraining run (checkpoint step_00000002),
+    for tests to copy (tests/lmforge/test_ownership.py, tests/pretrain/test_reliability_data_safety.py)."""
+    import shutil
+
+    from tests.pretrain.training_runs import run_training
+
+    ws = tmp_path_factory.mktemp("finished_tiny_run")
+    shutil.copytree(tiny_corpus_shards.shard_dir, ws / "shards")
+    run_training(ws / "run", ws / "shards", **{"train.max_steps": 2, "train.warmup_steps": 1})
+    return ws

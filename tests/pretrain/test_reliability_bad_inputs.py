@@ -176,7 +176,7 @@ CASES = [
     BadInput("eval-step-without-checkpoint", lambda ws: ["eval", "--checkpoint", str(ws / "run"), "--step", "3"],
              ("{ws}/run: no complete checkpoint for --step 3 (complete steps: 2)",)),
     BadInput("export-hf-over-existing-output", lambda ws: ["export-hf", "--checkpoint", str(ws / "run"), "--output", str(ws / "hf")],
-             ("--output {ws}/hf: exists and is not empty; pass --overwrite",), (write("hf/README", "mine"),)),
+             ("--output {ws}/hf: exists and is not empty, with files lmforge did not write (README)",), (write("hf/README", "mine"),)),
     BadInput("import-hf-not-a-model", lambda ws: ["import-hf", "--model", str(ws / "emptydir"), "--output", str(ws / "imported")],
              ("{ws}/emptydir: no config.json",)),
     BadInput("sft-malformed-jsonl", lambda ws: ["sft", "--set", f"init.from_run={ws / 'run'}", "--set", f"data.train={ws / 'sft.jsonl'}",

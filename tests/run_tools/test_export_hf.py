@@ -169,7 +169,7 @@ def test_export_writes_transformers_files_and_shards_large_weights(exported):
     _, sharded = exported["runs"]["gpt2-zero3"]
     assert {p.name for p in single.iterdir()} == {
         "model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-        "special_tokens_map.json", "tokenizer.model"}
+        "special_tokens_map.json", "tokenizer.model", ".lmforge-owner.json"}  # the marker: lmforge.ownership
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     shard_files = set(index["weight_map"].values())
     assert len(shard_files) > 1 and all((sharded / f).is_file() for f in shard_files)
@@ -266,7 +266,7 @@ def test_gqa_gpt2_and_a_non_empty_output_are_refused(exported, tmp_path, capsys)
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")
     code = run_cli(export_hf.main, ["--checkpoint", str(exported["runs"]["llama-zero0"][0]), "--output", str(taken)])
-    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert code == 2 and "files lmforge did not write (keep.txt)" in capsys.readouterr().err
     assert (taken / "keep.txt").read_text() == "mine"
 
 
