@@ -164,7 +164,6 @@ def resolve_posttrain_config_path(name_or_path: str | Path) -> Path:
 NOT_YET_SUPPORTED = {
     "train.max_bad_steps": "the non-finite step guard runs in `lmforge train` only",
     "train.eval_batches": "post-training evaluates its whole valid split",
-    "run.resume_fallback": "post-training resumes from the checkpoint `latest` names only",
 }
 
 

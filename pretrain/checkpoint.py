@@ -273,7 +273,25 @@ def load(engine, run_dir: Path, tag: str, load_dir: Path | None = None) -> dict[
     if rng_file.is_file():  # absent for ranks a smaller run did not have
         restore_rng_state(_load_rng(rng_file))
     _replay_cpu_adam_products(engine.optimizer)
+    _unshare_step_counters(engine.optimizer)
     return client_state or {}
+
+
+def _unshare_step_counters(optimizer) -> None:
+    """Gives every parameter's torch-Adam `step` tensor its own copy.
+
+    DeepSpeed's universal-checkpoint loader (ZeRO-3) assigns one loaded `step` tensor to every
+    flat parameter; torch's fused Adam increments each parameter's counter in place, so a shared one
+    would count every parameter group's update and skew the bias correction after the first step.
+    """
+    base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch-level optimizer
+    seen: set[int] = set()
+    for state in getattr(base, "state", {}).values():
+        step = state.get("step") if isinstance(state, dict) else None
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(state["step"]))
 
 
 def _replay_cpu_adam_products(optimizer) -> None:

@@ -87,12 +87,13 @@ def test_two_train_processes_on_one_run_dir_one_is_refused_and_a_killed_run_resu
     ws = tmp_path / "ws"
     shutil.copytree(finished_tiny_run, ws)
     run = ws / "run2"
+    # 400 steps of at least 0.5 s: still running when the second command (seconds of imports) is refused
     first = start_training(run, ws / "shards", extra_env={"LMFORGE_FAULT_STEP_DELAY": "0.5"},
-                           **{"train.max_steps": 40, "train.save_interval": 2})
+                           **{"train.max_steps": 400, "train.save_interval": 2})
     try:
         wait_for_checkpoint(run, "step_00000002", first)
         metrics_before = (run / "metrics.jsonl").read_bytes()
-        second = lmforge(*train_args(ws, run, "train.max_steps=40"))
+        second = lmforge(*train_args(ws, run, "train.max_steps=400"))
         error = assert_refused(second, f"run.dir = {run}: in use by another lmforge process (pid {first.pid} on")
         assert "wait for it to finish" in error
         assert (run / "metrics.jsonl").read_bytes().startswith(metrics_before)  # the second wrote nothing
