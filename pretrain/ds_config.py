@@ -34,13 +34,31 @@ from pretrain.config import TrainConfig
 AUTO = "auto"
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
 def read_deepspeed_json(path: Path) -> dict[str, Any]:
+    """DeepSpeed's JSON at `path` as a dict; a missing file, bad JSON, a duplicate key or a non-object is one line."""
     if not path.is_file():
         raise LmforgeError(f"deepspeed.config = {path}: file not found (the JSONs live in ds_configs/)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as err:
         raise LmforgeError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    except _DuplicateKey as err:
+        raise LmforgeError(f"{path}: key {err.args[0]!r} appears twice in one object (JSON keeps only the last); remove one") from None
+    except UnicodeDecodeError as err:
+        raise LmforgeError(f"{path}: byte {err.start}: not valid UTF-8; expected a JSON file") from None
     if not isinstance(data, dict):
         raise LmforgeError(f"{path}: expected a JSON object of DeepSpeed settings")
     return data

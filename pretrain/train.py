@@ -23,14 +23,14 @@ import torch
 from lmforge.config import save_config
 from lmforge.errors import LmforgeError, run_cli
 from pretrain import checkpoint, distributed, faults, resume, run_checks
-from pretrain.config import PretrainConfig, load_pretrain_config, resolve_repo_path
-from pretrain.data_source import TrainingData, check_data
+from pretrain.config import PretrainConfig, load_pretrain_config
+from pretrain.data_source import TrainingData
 from pretrain.distributed import bf16_supported, launcher_world_size
-from pretrain.ds_config import build_deepspeed_config, precision_of, zero_stage_of
+from pretrain.ds_config import precision_of, zero_stage_of
 from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation
 from pretrain.model import Transformer
 from pretrain.numerics import GuardedStep, StepOutcome
-from pretrain.pipeline import configure_pipeline, data_parallel_size, pipeline_metrics
+from pretrain.pipeline import data_parallel_size, pipeline_metrics
 from pretrain.preemption import PreemptionSignals
 
 
@@ -50,28 +50,17 @@ class PreparedRun:
 
     config: PretrainConfig
     ds_config: dict[str, Any]
+    notes: tuple[str, ...] = ()
+    """Lines for the start of the run (not errors), from run_checks."""
 
 
 def prepare(config: PretrainConfig, world_size: int, verify_checksums: bool = True) -> PreparedRun:
-    """Checks data (checksums too, unless `verify_checksums` is off), vocab, DeepSpeed JSON, run dir
-    and its free space; resolves model.vocab_size from the data. Nothing is written before every
-    input has been checked."""
-    vocab_size = check_data(config.data)
-    if config.model.vocab_size is not None and config.model.vocab_size != vocab_size:
-        raise LmforgeError(
-            f"model.vocab_size = {config.model.vocab_size} but the tokenizer of data.path has {vocab_size} tokens; "
-            "set model.vocab_size to null to take the tokenizer's"
-        )
-    config = replace(config, model=config.model.with_vocab(vocab_size))
-    ds_path = resolve_repo_path(config.deepspeed.config)
-    ds_config = build_deepspeed_config(ds_path, config.train, data_parallel_size(config.parallel, world_size), bf16_supported())
-    ds_config = configure_pipeline(ds_config, config.parallel, config.model, world_size)
-    if verify_checksums:
-        run_checks.verify_shards(config.data)
-    run_checks.open_datasets(config.data, config.train.seq_len, config.train.seed)
-    run_checks.check_disk_space(config.run.dir, config.model, config.train.keep_last)
-    run_checks.check_run_dir(config.run.dir)
-    return PreparedRun(config, ds_config)
+    """Runs the one set of launch checks (`pretrain.run_checks.check_launch`, as `lmforge preflight` does):
+    every problem is one line of one LmforgeError; only then is run.dir created."""
+    found = run_checks.check_launch(config, world_size, verify_checksums)
+    found.raise_problems()
+    run_checks.check_run_dir(found.config.run.dir)
+    return PreparedRun(found.config, found.ds_config, tuple(found.notes))
 
 
 class Trainer:
@@ -257,11 +246,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if distributed.is_main():
             cfg = run.config
             print(
-                f"training {cfg.model.arch} ({trainer.model.num_params() / 1e6:.2f}M params) on {info.world_size} "
+                f"training {cfg.model.arch} ({run_checks.parameter_count(cfg.model) / 1e6:.2f}M params) on {info.world_size} "
                 f"rank(s), {info.device.type}, ZeRO-{zero_stage_of(run.ds_config)}, {precision_of(run.ds_config)}, "
                 f"run dir {cfg.run.dir}",
                 flush=True,
             )
+            for note in run.notes:
+                print(f"note: {note}", flush=True)
         last = trainer.run(signals)
         if distributed.is_main() and trainer.stopped_by:
             tag = checkpoint.tag_for_step(trainer.step)
