@@ -62,7 +62,7 @@ def _data_vocab(data: DataConfig, verify: bool, found: LaunchCheck) -> int | Non
                                   f"`lmforge prep shards --input ... --tokenizer ... --output {shard_dir}`")
             continue
         try:
-            manifests.append((verify_manifest if verify else load_manifest)(shard_dir))
+            manifests.append(load_manifest(shard_dir))
         except LmforgeError as err:
             found.problems.append(str(err))
     if len(manifests) < len(data.path):
@@ -71,6 +71,14 @@ def _data_vocab(data: DataConfig, verify: bool, found: LaunchCheck) -> int | Non
         listing = ", ".join(f"{m.directory} ({m.tokenizer.fingerprint[:12]})" for m in manifests)
         found.problems.append(f"data.path: shard sets were made with different tokenizers: {listing}")
         return None
+    if verify:  # sizes and sha256 of every file (cached per file, size and mtime: training does not hash twice)
+        for manifest in manifests:
+            try:
+                verify_manifest(manifest.directory)
+            except LmforgeError as err:
+                found.problems.append(str(err))
+        if found.problems:
+            return None
     vocab = manifests[0].tokenizer.vocab_size
     try:
         file_vocab = Tokenizer.load(manifests[0].tokenizer_copy).vocab_size

@@ -50,7 +50,7 @@ def test_jsonl_text_field_is_configurable(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(_jsonl_bytes([{"content": "a"}, {"content": "b"}]))
     assert read_all(path, text_field="content") == ["a", "b"]
-    with pytest.raises(LmforgeError, match=r"d.jsonl: line 1: no string field 'text'"):
+    with pytest.raises(LmforgeError, match=r"d.jsonl: line 1: no field 'text', not a string"):
         read_all(path)
 
 

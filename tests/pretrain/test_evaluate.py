@@ -68,10 +68,11 @@ def eval_command(nproc: int) -> list[str]:
 
 
 def run_eval(run_dir: Path, nproc: int, *extra: str) -> tuple[str, dict]:
-    result = subprocess.run(eval_command(nproc) + ["--checkpoint", str(run_dir), *extra], cwd=REPO, env=run_env(),
-                            capture_output=True, text=True, timeout=300)
+    output = run_dir.parent / f"eval_{run_dir.name}_{nproc}.json"
+    result = subprocess.run(eval_command(nproc) + ["--checkpoint", str(run_dir), "--output", str(output), *extra], cwd=REPO,
+                            env=run_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout, json.loads((run_dir / "eval_valid.json").read_text())
+    return result.stdout, json.loads(output.read_text())
 
 
 @pytest.mark.slow
