@@ -218,10 +218,13 @@ class Corpus:
     def _read_text(self, path: Path) -> Iterator[str]:
         data = path.read_bytes()
         try:
-            yield data.decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as err:
             # CPython ships a few deliberately non-UTF-8 test files; the stdlib corpus skips them.
             self._bad(f"{path}: byte {err.start}: not valid UTF-8 ({err.reason})", path in self._stdlib)
+            return
+        del data  # a huge document is held once (as text), not twice, while it is tokenized
+        yield text
 
     def _read_jsonl(self, path: Path, stream: BinaryIO) -> Iterator[str]:
         field = self.spec.text_field

@@ -116,18 +116,10 @@ def document_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
 
 
 def _encode_long(text: str, tokenizer: Tokenizer, dtype: np.dtype) -> np.ndarray:
-    """Tokens of one huge document and its EOD, piece by piece into one growing array: a few bytes per
-    token, not the ~36 of a Python list of ints."""
-    out = np.empty(max(1024, len(text) // 2), dtype=dtype)
-    used = 0
-    for piece in document_pieces(text):
-        ids = np.asarray(tokenizer.encode(piece), dtype=dtype)
-        if used + len(ids) + 1 > len(out):
-            out = np.resize(out, max(2 * len(out), used + len(ids) + 1))
-        out[used : used + len(ids)] = ids
-        used += len(ids)
-    out[used] = tokenizer.eod_id
-    return out[: used + 1]
+    """Tokens of one huge document and its EOD, piece by piece: a few bytes per token (the pieces' arrays
+    and their concatenation), not the ~36 of a Python list of ints."""
+    pieces = [np.asarray(tokenizer.encode(piece), dtype=dtype) for piece in document_pieces(text)]
+    return np.concatenate([*pieces, np.array([tokenizer.eod_id], dtype=dtype)])
 
 
 def _encode_documents(texts: list[str], tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:

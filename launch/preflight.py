@@ -84,7 +84,7 @@ def world_size(args: argparse.Namespace, found: Findings) -> int | None:
     try:
         chosen = select_slots(hostfile, args.include, args.exclude, args.num_nodes, args.num_gpus)
     except LmforgeError as err:
-        found.problems.append(str(err))
+        found.problems += str(err).splitlines()
         return None
     size = sum(len(slots) for slots in chosen.values())
     if args.world_size is not None and args.world_size != size:
@@ -137,7 +137,7 @@ def check(args: argparse.Namespace) -> Findings:
     try:
         config = load_pretrain_config(args.config, args.set)
     except LmforgeError as err:
-        found.problems += str(err).split("\n")
+        found.problems += str(err).splitlines()
         return found
     launch = check_launch(config, world, verify_checksums=not args.skip_checksums)
     found.problems += launch.problems

@@ -2,7 +2,8 @@
 
 A job config is a frozen dataclass whose fields are section dataclasses (`run`, `model`, `train`,
 ...). `load_config` reads a YAML file, applies `--set section.key=value` overrides, checks every
-value against its field's type, and raises one `LmforgeError` listing every problem, each naming
+value against its field's type, and raises one `LmforgeError` listing every problem (one line
+each), each naming
 the full key, the value, what is allowed and the file. A section may add cross-field checks with a
 `problems(self) -> list[str]` method returning messages of the same shape.
 """
@@ -220,7 +221,7 @@ def config_from_mapping(schema: type[T], data: Mapping[str, Any], source: str = 
             problems.extend(f"{source}: {m}" for m in config.problems())
         if not problems:
             return config
-    raise LmforgeError("; ".join(problems))
+    raise LmforgeError("\n".join(problems))  # one `error:` line each
 
 
 def load_config(schema: type[T], path: Path | None, overrides: Sequence[str] = ()) -> T:

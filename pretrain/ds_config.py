@@ -129,7 +129,7 @@ def build_deepspeed_config(path: Path, train: TrainConfig, data_parallel_size: i
     config.setdefault("steps_per_print", 10**9)  # we log ourselves
     config.setdefault("wall_clock_breakdown", False)
     if problems:
-        raise LmforgeError("; ".join(problems))
+        raise LmforgeError("\n".join(problems))  # one `error:` line each
     return config
 
 

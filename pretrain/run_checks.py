@@ -64,7 +64,7 @@ def _data_vocab(data: DataConfig, verify: bool, found: LaunchCheck) -> int | Non
         try:
             manifests.append(load_manifest(shard_dir))
         except LmforgeError as err:
-            found.problems.append(str(err))
+            found.problems += str(err).splitlines()
     if len(manifests) < len(data.path):
         return None
     if len({m.tokenizer.fingerprint for m in manifests}) > 1:
@@ -76,7 +76,7 @@ def _data_vocab(data: DataConfig, verify: bool, found: LaunchCheck) -> int | Non
             try:
                 verify_manifest(manifest.directory)
             except LmforgeError as err:
-                found.problems.append(str(err))
+                found.problems += str(err).splitlines()
         if found.problems:
             return None
     vocab = manifests[0].tokenizer.vocab_size
@@ -105,7 +105,7 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
     try:
         raw = read_deepspeed_json(path)
     except LmforgeError as err:
-        found.problems.append(str(err))
+        found.problems += str(err).splitlines()
         return
     problems = deepspeed_json_problems(raw, path)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -117,7 +117,7 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
         ds_config = build_deepspeed_config(path, config.train, data_parallel_size(config.parallel, world_size), bf16_supported())
         found.ds_config = configure_pipeline(ds_config, config.parallel, config.model, world_size)
     except LmforgeError as err:
-        found.problems.append(str(err))
+        found.problems += str(err).splitlines()
 
 
 def _datasets(config: PretrainConfig, found: LaunchCheck) -> None:
@@ -130,7 +130,7 @@ def _datasets(config: PretrainConfig, found: LaunchCheck) -> None:
     try:
         build_dataset(paths, config.data.weights, "train", seq_len, seed)
     except LmforgeError as err:
-        found.problems.append(str(err))
+        found.problems += str(err).splitlines()
         return
     try:
         build_dataset(paths, config.data.weights, "valid", seq_len, seed)

@@ -22,7 +22,7 @@ import torch
 
 from lmforge.config import save_config
 from lmforge.errors import LmforgeError, run_cli
-from pretrain import checkpoint, distributed, faults, resume, run_checks
+from pretrain import checkpoint, console, distributed, faults, resume, run_checks
 from pretrain.config import PretrainConfig, load_pretrain_config
 from pretrain.data_source import TrainingData
 from pretrain.distributed import bf16_supported, launcher_world_size
@@ -240,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = distributed.init_distributed()
     if info.world_size != launcher_world_size():  # MPI discovery can learn the size only now
         run = prepare(config, info.world_size)
+    console.keep_deepspeed_warnings_in(run.config.run.dir / console.DEEPSPEED_LOG, distributed.is_main())
     try:
         trainer = Trainer(run, info)
         trainer.resume()
