@@ -122,7 +122,7 @@ def build_deepspeed_config(path: Path, train: TrainConfig, data_parallel_size: i
         autocast["enabled"] = bf16_supported
     if autocast.get("enabled") and (bf16.get("enabled") or fp16.get("enabled")):
         problems.append(f"{source}: torch_autocast.enabled with bf16/fp16.enabled: choose one precision mode")
-    if fp16.get("enabled") and not _fp16_device_available():
+    if fp16.get("enabled") and not bf16.get("enabled") and not _fp16_device_available():  # both: "choose one" says it
         problems.append(f"{source}: fp16.enabled = true, but DeepSpeed trains in fp16 only on GPUs and this machine has none; use a bf16 or fp32 JSON here")
     if bf16.get("enabled") and fp16.get("enabled"):
         problems.append(f"{source}: bf16.enabled and fp16.enabled are both true; choose one")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,11 +21,11 @@ if __package__ in (None, ""):  # `deepspeed pretrain/train.py` runs this file as
 import torch
 
 from lmforge.config import save_config
-from lmforge.errors import LmforgeError, run_cli
+from lmforge.errors import run_cli
 from pretrain import checkpoint, console, distributed, faults, resume, run_checks
 from pretrain.config import PretrainConfig, load_pretrain_config
 from pretrain.data_source import TrainingData
-from pretrain.distributed import bf16_supported, launcher_world_size
+from pretrain.distributed import launcher_world_size
 from pretrain.ds_config import precision_of, zero_stage_of
 from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation
 from pretrain.model import Transformer

@@ -30,7 +30,7 @@ def preflight(ws: Path, *sets: str) -> list[str]:
 DS_CASES = [
     # the examples
     train_ds("bf16-not-an-object", {"bf16": True}, ("{ws}/bf16-not-an-object.json: bf16 = True: expected an object",)),
-    train_ds("optimizer-a-string", {"optimizer": "AdamW"}, ("optimizer = 'AdamW': expected an object like {\"type\": \"AdamW\"}",)),
+    train_ds("optimizer-a-string", {"optimizer": "AdamW"}, ("optimizer = 'AdamW': expected an object like {{\"type\": \"AdamW\"}}",)),
     train_ds("stage-three", {"zero_optimization": {"stage": "three"}},
              ("zero_optimization.stage = 'three': expected 0, 1, 2 or 3",)),
     train_ds("stage-7", {"zero_optimization": {"stage": 7}}, ("zero_optimization.stage = 7: expected 0, 1, 2 or 3",)),
@@ -97,7 +97,7 @@ NUMBER_CASES = [
     BadInput("config-beta2-exactly-1", lambda ws: train(ws, "train.beta2=1"), ("train.beta2 = 1.0: must be in [0, 1)",)),
     BadInput("config-beta1-negative", lambda ws: train(ws, "train.beta1=-0.1"), ("train.beta1 = -0.1: must be in [0, 1)",)),
     BadInput("config-adam-eps-zero", lambda ws: train(ws, "train.adam_eps=0"), ("train.adam_eps = 0.0: must be positive",)),
-    BadInput("config-lr-zero", lambda ws: train(ws, "train.lr=0"), ("train.lr = 0.0: must be positive",)),
+    BadInput("config-lr-zero", lambda ws: train(ws, "train.lr=0", "train.min_lr=0"), ("train.lr = 0.0: must be positive",)),
     BadInput("config-lr-nan-string", lambda ws: train(ws, "train.lr=nan"), ("train.lr = 'nan': expected a finite number",)),
     BadInput("config-weight-decay-negative", lambda ws: train(ws, "train.weight_decay=-0.1"),
              ("train.weight_decay = -0.1: must not be negative",)),

@@ -19,7 +19,7 @@ import torch
 
 from lmforge.cli import VERBS
 from tests.pretrain.bad_input_catalogue import (
-    BadInput, TINY, flip_byte, idx_says_int32, other_tokenizer_shards, train, truncate, write,  # noqa: F401
+    BadInput, flip_byte, idx_says_int32, other_tokenizer_shards, train, truncate, write,
 )
 from tests.pretrain.bad_inputs_data_and_tools import DATA_AND_TOOL_CASES
 from tests.pretrain.bad_inputs_launch import LAUNCH_CASES
@@ -32,8 +32,8 @@ CASES = [
     BadInput("config-unknown-section", lambda ws: train(ws, "trian.lr=1"), ("unknown section 'trian'; did you mean 'train'?",)),
     BadInput("config-wrong-type", lambda ws: train(ws, "train.lr=fast"), ("train.lr = 'fast': expected a number",)),
     BadInput("config-negative-size", lambda ws: train(ws, "train.micro_batch_size=-1"), ("train.micro_batch_size = -1: must be at least 1",)),
-    BadInput("config-heads-not-dividing-width", lambda ws: train(ws, "model.d_model=30"),
-             ("model.d_model = 30: must be divisible by model.n_heads = 4",)),
+    BadInput("config-heads-not-dividing-width", lambda ws: train(ws, "model.d_model=34"),  # 30 is also an odd RoPE head: 2 lines
+             ("model.d_model = 34: must be divisible by model.n_heads = 4",)),
     BadInput("config-gqa-ratio", lambda ws: train(ws, "model.n_kv_heads=3"), ("model.n_kv_heads = 3: must divide model.n_heads = 4",)),
     BadInput("config-not-a-boolean", lambda ws: train(ws, "run.tensorboard=maybe"), ("run.tensorboard = 'maybe': expected true or false",)),
     BadInput("config-unknown-arch", lambda ws: train(ws, "model.arch=gpt5"), ("model.arch = 'gpt5': expected one of 'gpt2', 'llama'",)),
