@@ -83,9 +83,6 @@ class ModelConfig:
             found.append(f"model.d_model = {self.d_model}: must be divisible by model.n_heads = {self.n_heads}")
         if self.n_heads % self.kv_heads:
             found.append(f"model.n_kv_heads = {self.n_kv_heads}: must divide model.n_heads = {self.n_heads}")
-        elif self.arch == "gpt2" and self.kv_heads != self.n_heads:  # trains, but HF's GPT-2 could never load it
-            found.append(f"model.n_kv_heads = {self.n_kv_heads}: a gpt2 model has one key/value head per query head "
-                         f"(HF's GPT2LMHeadModel has no grouped-query attention); set it to null or {self.n_heads}, or use arch llama")
         if self.arch == "llama" and (self.d_model // max(self.n_heads, 1)) % 2:
             found.append(f"model.d_model / model.n_heads = {self.head_dim}: RoPE needs an even head dimension")
         for key in ("n_layers", "n_heads", "d_model", "max_seq_len", "pad_vocab_to_multiple"):

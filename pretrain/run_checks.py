@@ -201,6 +201,11 @@ def check_launch(config: PretrainConfig, world_size: int | None, verify_checksum
 
     Writes nothing. The returned config has model.vocab_size from the data when it could be read."""
     found = LaunchCheck(config)
+    model = config.model
+    if model.arch == "gpt2" and model.kv_heads != model.n_heads:  # trains, but HF's GPT-2 could never load it
+        found.problems.append(f"model.n_kv_heads = {model.n_kv_heads}: a gpt2 model has one key/value head per query head "
+                              f"(HF's GPT2LMHeadModel has no grouped-query attention, so it could never be exported); "
+                              f"set it to null or {model.n_heads}, or use model.arch = llama")
     vocab = _data_vocab(config.data, verify_checksums, found)
     if vocab is not None and config.model.vocab_size is not None and config.model.vocab_size != vocab:
         found.problems.append(f"model.vocab_size = {config.model.vocab_size} but the tokenizer of data.path has {vocab} tokens; "

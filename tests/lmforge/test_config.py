@@ -20,7 +20,7 @@ def test_every_shipped_preset_loads_against_the_code():
 
 
 def test_overrides_are_typed_from_yaml_and_applied():
-    config = load_pretrain_config("tiny", ["train.max_steps=70", "train.lr=3e-4", "model.arch=gpt2", "model.n_kv_heads=null", "data.path=[a, b]"])
+    config = load_pretrain_config("tiny", ["train.max_steps=70", "train.lr=3e-4", "model.arch=gpt2", "data.path=[a, b]"])
     assert config.train.max_steps == 70
     assert config.train.lr == pytest.approx(3e-4)
     assert config.model.arch == "gpt2"

@@ -146,3 +146,12 @@ def test_prepare_keeps_the_config_it_checked(shards, tmp_path):
     run = prepare(tiny_config(tmp_path, shards), 1)
     assert run.config.model.vocab_size == 512 and run.ds_config["train_batch_size"] == 2
     assert (tmp_path / "run").is_dir() and run.notes == ()  # created only once every check passed
+
+
+def test_a_gpt2_model_with_grouped_query_attention_is_refused_before_training_not_when_reading_old_runs(shards, tmp_path):
+    config = tiny_config(tmp_path, shards, "model.arch=gpt2", "model.n_heads=4", "model.n_kv_heads=2")
+    found = run_checks.check_launch(config, 1)
+    assert found.problems == ["model.n_kv_heads = 2: a gpt2 model has one key/value head per query head (HF's GPT2LMHeadModel "
+                              "has no grouped-query attention, so it could never be exported); set it to null or 4, or use "
+                              "model.arch = llama"]
+    assert run_checks.check_launch(tiny_config(tmp_path, shards, "model.arch=gpt2", "model.n_kv_heads=null"), 1).problems == []
