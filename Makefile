@@ -19,6 +19,12 @@ $(STAMP): setup.py
 	if command -v mpicc >/dev/null; then $(PY) -m pip install -q mpi4py; fi
 	touch $(STAMP)
 
+# DeepSpeed JIT-builds its ops (CPU Adam: minutes) into TORCH_EXTENSIONS_DIR, by default one folder in
+# the home directory for every virtualenv, so two checkouts with different torch builds rebuild each
+# other's ops. The op cache goes with the virtualenv instead (set it yourself to share one).
+TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+export TORCH_EXTENSIONS_DIR
+
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/demo.sh
 

@@ -14,7 +14,10 @@ import hashlib
 import io
 import json
 import os
+import stat
+import sys
 import sysconfig
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
@@ -71,13 +74,34 @@ def _matches(relative: str, patterns: Sequence[str]) -> bool:
     return not patterns or any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(relative, p) for p in patterns)
 
 
-def _directory_files(root: Path, patterns: Sequence[str]) -> list[Path]:
+def special_file_kind(path: Path) -> str | None:
+    """None for a regular file (or a link to one); else what it is: reading a FIFO or a device could block forever."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "dangling symlink" if path.is_symlink() else "missing file"
+    except OSError as err:
+        return f"unreadable ({err.strerror})"
+    for test, kind in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _directory_files(root: Path, patterns: Sequence[str], skipped: Counter) -> list[Path]:
+    """Regular files under `root` matching `patterns`; FIFOs, devices, sockets and dangling links are counted in `skipped`."""
     found = []
     for directory, subdirs, names in os.walk(root):
         for name in names:
             path = Path(directory) / name
-            if _matches(path.relative_to(root).as_posix(), patterns):
+            if not _matches(path.relative_to(root).as_posix(), patterns):
+                continue
+            kind = special_file_kind(path)
+            if kind is None:
                 found.append(path)
+            else:
+                skipped[kind] += 1
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -86,21 +110,41 @@ def corpus_inputs(spec: CorpusSpec) -> dict[str, list[Path]]:
     return {"--input": [Path(name) for name in spec.inputs if name != STDLIB]}
 
 
-def list_files(spec: CorpusSpec) -> list[Path]:
-    """The source files of `spec`, in reading order; a missing input is a one-line error."""
+def list_files(spec: CorpusSpec, skipped: Counter | None = None) -> list[Path]:
+    """The source files of `spec`, in reading order; a missing input is a one-line error.
+
+    Inside a directory, what is not a regular file (FIFO, device, socket, dangling symlink) is
+    skipped and counted in `skipped` by kind; named as an input, it is an error."""
     files: list[Path] = []
+    skipped = Counter() if skipped is None else skipped
     for name in spec.inputs:
         if name == STDLIB:
             files += stdlib_files()
             continue
         path = Path(name)
         if path.is_dir():
-            files += _directory_files(path, spec.include)
-        elif path.is_file():
+            files += _directory_files(path, spec.include, skipped)
+            continue
+        kind = special_file_kind(path)
+        if kind is None:
             files.append(path)
-        else:
+        elif kind == "missing file":
             raise LmforgeError(f"{path}: input not found; expected a file, a directory or '{STDLIB}'")
+        else:
+            raise LmforgeError(f"{path}: a {kind}, not a regular file; expected a file, a directory or '{STDLIB}'")
     return files
+
+
+def describe_skipped_files(skipped: Counter) -> str:
+    """e.g. '2 FIFO, 1 dangling symlink' ('' when nothing was skipped)."""
+    return ", ".join(f"{count} {kind}" for kind, count in sorted(skipped.items()))
+
+
+def _is_text_type(arrow_type) -> bool:
+    import pyarrow as pa
+
+    return any(check(arrow_type) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                               pa.types.is_large_binary)) or str(arrow_type) == "string_view"
 
 
 def _has_suffix(path: Path, suffix: str) -> bool:
@@ -112,7 +156,12 @@ class Corpus:
 
     def __init__(self, spec: CorpusSpec) -> None:
         self.spec = spec
-        self.files = list_files(spec)
+        self.skipped_files: Counter = Counter()
+        """Entries of input directories that are no files to read (FIFO, device, socket, dangling symlink), by kind."""
+        self.files = list_files(spec, self.skipped_files)
+        if self.skipped_files:  # never a document, never read (a FIFO would block): said once, not an error
+            print(f"note: skipped {describe_skipped_files(self.skipped_files)} in the input directories "
+                  "(not regular files)", file=sys.stderr)
         self.skipped_documents = 0
         self._stdlib = set(stdlib_files()) if STDLIB in spec.inputs else set()
 
@@ -174,10 +223,13 @@ class Corpus:
     def _read_text(self, path: Path) -> Iterator[str]:
         data = path.read_bytes()
         try:
-            yield data.decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as err:
             # CPython ships a few deliberately non-UTF-8 test files; the stdlib corpus skips them.
             self._bad(f"{path}: byte {err.start}: not valid UTF-8 ({err.reason})", path in self._stdlib)
+            return
+        del data  # a huge document is held once (as text), not twice, while it is tokenized
+        yield text
 
     def _read_jsonl(self, path: Path, stream: BinaryIO) -> Iterator[str]:
         field = self.spec.text_field
@@ -196,7 +248,9 @@ class Corpus:
                 continue
             text = record.get(field) if isinstance(record, dict) else None
             if not isinstance(text, str):
-                self._bad(f"{path}: line {number}: no string field '{field}'; set --text-field to the field holding the text")
+                what = ("not a JSON object" if not isinstance(record, dict) else f"no field '{field}'" if field not in record
+                        else f"'{field}' is null" if text is None else f"'{field}' is {type(text).__name__}")
+                self._bad(f"{path}: line {number}: {what}, not a string; set --text-field to the field holding the text")
                 continue
             yield text
 
@@ -209,11 +263,18 @@ class Corpus:
             raise LmforgeError(
                 f"{path}: no column '{field}' (columns: {', '.join(table.schema_arrow.names)}); set --text-field"
             )
+        column_type = table.schema_arrow.field(field).type
+        if not _is_text_type(column_type):
+            raise LmforgeError(f"{path}: column '{field}' holds {column_type}, not text (string or binary); "
+                               "set --text-field to the column holding the text")
         row = 0
         for group in range(table.num_row_groups):
             column = table.read_row_group(group, columns=[field]).column(0)
             for value in column.to_pylist():
                 row += 1
+                if value is None:  # the same rule as a JSONL record without the field: bad, unless skipped
+                    self._bad(f"{path}: row {row}: '{field}' is null, not a string")
+                    continue
                 if isinstance(value, bytes):
                     try:
                         value = value.decode("utf-8")

@@ -77,7 +77,8 @@ class IndexedDatasetWriter:
 
     def add_document(self, tokens: np.ndarray) -> None:
         """Appends one document's tokens (EOD included by the caller)."""
-        data = np.asarray(tokens).astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
+        # a view of the tokens' bytes, no copy (a huge document's tokens are hundreds of MB)
+        data = memoryview(np.ascontiguousarray(np.asarray(tokens).astype(self.dtype.newbyteorder("<"), copy=False))).cast("B")
         self._stream.write(data)
         self._bin_digest.update(data)
         self._sizes.append(len(tokens))

@@ -27,7 +27,7 @@ import numpy as np
 
 from data_prep.corpus import Corpus, CorpusSpec, corpus_inputs, list_files
 from data_prep.indexed_dataset import IndexedDatasetWriter, bin_path, idx_path, token_dtype
-from lmforge.files import atomic_write_bytes, atomic_write_json, clean_temp_files, ensure_writable_dir, sha256_file
+from lmforge.files import atomic_write_bytes, atomic_write_json, clean_temp_files, output_directory, sha256_file
 from data_prep.manifest import (
     FORMAT_VERSION, MANIFEST_FILE, SPLITS, Manifest, Shard, Split, TokenizerRef, manifest_from_json, manifest_to_json,
 )
@@ -93,17 +93,56 @@ def _init_worker(model_bytes: bytes) -> None:
     _worker_tokenizer = Tokenizer(model_bytes)
 
 
+PIECE_CHARS = 1 << 20
+"""A document longer than this is tokenized in pieces of about this many characters, cut after a newline."""
+
+
+def document_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of about `size` characters, each cut just before a run of spaces.
+
+    sentencepiece starts a new word at a space that follows a non-space, and BPE never merges
+    across words, so the pieces' tokens are exactly the whole text's. A piece with no such space
+    in its second half (one giant word) is cut at `size` characters; only there can tokens differ."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            low = start + size // 2
+            cut = text.rfind(" ", low, end)
+            while cut > low and text[cut - 1] == " ":
+                cut -= 1
+            if cut > low:
+                end = cut
+        yield text[start:end]
+        start = end
+
+
+def _encode_long(text: str, tokenizer: Tokenizer, dtype: np.dtype) -> np.ndarray:
+    """Tokens of one huge document and its EOD, piece by piece: a few bytes per token (the pieces' arrays
+    and their concatenation), not the ~36 of a Python list of ints."""
+    pieces = [np.asarray(tokenizer.encode(piece), dtype=dtype) for piece in document_pieces(text)]
+    return np.concatenate([*pieces, np.array([tokenizer.eod_id], dtype=dtype)])
+
+
 def _encode_documents(texts: list[str], tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of `texts`, each followed by EOD, concatenated; and each document's length."""
     tokenizer = tokenizer or _worker_tokenizer
     assert tokenizer is not None
-    flat: list[int] = []
+    dtype = token_dtype(tokenizer.vocab_size)
+    eod = np.array([tokenizer.eod_id], dtype=dtype)
+    parts: list[np.ndarray] = []
     lengths = np.empty(len(texts), dtype=np.int64)
-    for number, ids in enumerate(tokenizer.encode_batch(texts)):
-        flat += ids
-        flat.append(tokenizer.eod_id)
-        lengths[number] = len(ids) + 1
-    return np.array(flat, dtype=token_dtype(tokenizer.vocab_size)), lengths
+    short = [t for t in texts if len(t) <= PIECE_CHARS]
+    encoded = iter(tokenizer.encode_batch(short))
+    for number, text in enumerate(texts):
+        if len(text) <= PIECE_CHARS:
+            parts += [np.asarray(next(encoded), dtype=dtype), eod]
+        else:
+            parts.append(_encode_long(text, tokenizer, dtype))
+        lengths[number] = len(parts[-2]) + 1 if len(text) <= PIECE_CHARS else len(parts[-1])
+    if len(parts) == 1:  # one huge document: no copy
+        return parts[0], lengths
+    return (np.concatenate(parts) if parts else np.empty(0, dtype=dtype)), lengths
 
 
 # ---- main side
@@ -219,6 +258,7 @@ def _batches(corpus: Corpus, options: ShardOptions, resume: dict[str, int], stat
             continue
         batch.append((number, split, len(data), text))
         size += len(data)
+        del data  # a huge document's bytes are not kept while its batch is tokenized
         if size >= options.batch_bytes:
             yield batch
             batch, size = [], 0
@@ -317,7 +357,12 @@ def build_shards(spec: CorpusSpec, tokenizer_path: Path, output_dir: Path, optio
     corpus = Corpus(spec)
     ownership.check_output(Path(output_dir), "shards", "prep shards", "--output",
                            {**corpus_inputs(spec), "--tokenizer": Path(tokenizer_path)})
-    directory = ensure_writable_dir(Path(output_dir))
+    with output_directory(Path(output_dir)) as directory:  # a bad input found while streaming leaves no new folder
+        return _build_shards_in(directory, corpus, tokenizer, spec, options, progress, started)
+
+
+def _build_shards_in(directory: Path, corpus: Corpus, tokenizer: Tokenizer, spec: CorpusSpec, options: ShardOptions,
+                     progress: bool, started: float) -> ShardSummary:
     run_key = _run_key(corpus, tokenizer, options)
     state = _check_output_dir(directory, tokenizer, run_key)
     if state and state["complete"]:

@@ -50,6 +50,39 @@ class TokenizerOptions:
     """Seed of sentencepiece's sampling, so training is repeatable."""
 
 
+SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
+
+
+def symbol_problems(options: TokenizerOptions) -> list[str]:
+    """--user-symbol / --control-symbol values sentencepiece and the HF export cannot both honour, one line each.
+
+    Refused: an empty symbol (no piece), one of the special pieces (sentencepiece would drop its
+    special id: EOD -1), whitespace inside (sentencepiece matches symbols after turning spaces
+    into U+2581, so it never matches, while the exported HF tokenizer does: their ids would
+    differ), U+2581 itself, a byte piece like <0x41>, and a symbol given twice."""
+    found = []
+    seen: dict[str, str] = {}
+    for flag, symbols in (("--user-symbol", options.user_symbols), ("--control-symbol", options.control_symbols)):
+        for symbol in symbols:
+            shown = f"{flag} {symbol!r}"
+            if not symbol:
+                found.append(f"{shown}: empty; a symbol needs at least one character")
+            elif symbol in SPECIAL_PIECES:
+                found.append(f"{shown}: already a special piece of every lmforge tokenizer ({', '.join(SPECIAL_PIECES)}); "
+                             "choose another string")
+            elif any(c.isspace() for c in symbol):
+                found.append(f"{shown}: contains whitespace, which sentencepiece never matches inside a symbol "
+                             "(the exported HF tokenizer would, so their ids would differ); use a symbol without spaces")
+            elif _SPACE_SYMBOL in symbol:
+                found.append(f"{shown}: contains U+2581, sentencepiece's own stand-in for a space")
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", symbol):
+                found.append(f"{shown}: is a byte piece name; choose another string")
+            elif symbol in seen:
+                found.append(f"{shown}: given twice (also as {seen[symbol]})")
+            seen.setdefault(symbol, flag)
+    return found
+
+
 def training_chunks(text: str, limit: int) -> Iterator[str]:
     """Splits `text` into pieces of at most `limit` UTF-8 bytes, at line ends where possible."""
     if len(text) * 4 <= limit or len(text.encode("utf-8")) <= limit:
@@ -156,6 +189,9 @@ def train_tokenizer(spec: CorpusSpec, options: TokenizerOptions, output_dir: Pat
 
     When DIR already holds the model of the same inputs (paths, sizes, mtimes) and options, nothing is redone.
     """
+    problems = symbol_problems(options)
+    if problems:
+        raise LmforgeError("\n".join(problems))
     corpus = Corpus(spec)
     ownership.check_output(Path(output_dir), "tokenizer", "prep tokenizer", "--output", corpus_inputs(spec))
     if tokenizer_is_current(spec, options, output_dir):

@@ -1,10 +1,11 @@
 """`lmforge preflight --config X`: check a launch before any GPU work; every problem, one line each.
 
-Checks the YAML and its DeepSpeed JSON together (the batch arithmetic for the world size, ZeRO and
-offload options, bf16 on this GPU), the hostfile and the world size it gives, the data (manifest
-checksums, one tokenizer, its vocabulary against model.vocab_size), that run.dir is writable and
-has room for the checkpoints, and TORCH_CUDA_ARCH_LIST. Then the same `pretrain.train.prepare`
-that training runs. Problems go to stderr as `error: ...` lines and exit 2; otherwise an `ok`
+Runs `pretrain.run_checks.check_launch`, the same checks `lmforge train` makes (the YAML and its
+DeepSpeed JSON: keys, types, ranges, the batch arithmetic for the world size, ZeRO and offload
+options, bf16 on this GPU; the data: manifest checksums, one tokenizer, its vocabulary; that
+run.dir can be made and has room for the checkpoints), and adds what needs no training process:
+the hostfile and the world size it gives, TORCH_CUDA_ARCH_LIST. Nothing is created unless every
+check passed (then only RUN_DIR/.deepspeed_env, with --deepspeed-env). Problems go to stderr as `error: ...` lines and exit 2; otherwise an `ok`
 summary (world size, global batch, tokens/step, parameters, checkpoint size). Every launch
 script runs it first; `--print-exports` prints the `export` lines for them to eval.
 """
@@ -19,10 +20,9 @@ from typing import Any, Sequence
 
 from launch import environment
 from launch.hostfile import read_hostfile, select_slots
-from launch.zero_checks import precision_problems, zero_problems
 from lmforge.errors import USER_ERROR_EXIT_CODE, LmforgeError, run_cli
 from lmforge.run_layout import DEEPSPEED_ENV_FILE
-from pretrain.checkpoint_space import BYTES_PER_PARAM, checkpoint_space, human_bytes
+from pretrain.checkpoint_space import BYTES_PER_PARAM
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 SUMMARY_ORDER = ["world size", "global batch", "tokens/step", "model", "checkpoints", "deepspeed", "data",
-                 environment.ARCH_LIST, "deepspeed env"]
+                 environment.ARCH_LIST, "deepspeed env", "note"]
 
 
 @dataclass
@@ -85,7 +85,7 @@ def world_size(args: argparse.Namespace, found: Findings) -> int | None:
     try:
         chosen = select_slots(hostfile, args.include, args.exclude, args.num_nodes, args.num_gpus)
     except LmforgeError as err:
-        found.problems.append(str(err))
+        found.problems += str(err).splitlines()
         return None
     size = sum(len(slots) for slots in chosen.values())
     if args.world_size is not None and args.world_size != size:
@@ -98,114 +98,36 @@ def world_size(args: argparse.Namespace, found: Findings) -> int | None:
     return size
 
 
-def data_vocab(config, verify: bool, found: Findings) -> int | None:
-    """Checks every shard directory (checksums, one tokenizer, vocab); returns the tokenizer's vocab size."""
-    from data_prep.manifest import load_manifest, verify_manifest
-    from data_prep.tokenizer import Tokenizer
-    from pretrain.config import resolve_repo_path
+def launch_facts(config, launch, verify: bool, found: Findings) -> None:
+    """The summary lines of what `pretrain.run_checks.check_launch` measured."""
+    from pretrain.checkpoint_space import human_bytes
 
-    manifests = []
-    for path in config.data.path:
-        try:
-            manifests.append((verify_manifest if verify else load_manifest)(resolve_repo_path(path)))
-        except LmforgeError as err:
-            found.problems.append(f"data.path: {err}")
-    if len(manifests) < len(config.data.path):
-        return None
-    if len({m.tokenizer.fingerprint for m in manifests}) > 1:
-        listing = ", ".join(f"{m.directory} ({m.tokenizer.fingerprint[:12]})" for m in manifests)
-        found.problems.append(f"data.path: shard sets were made with different tokenizers: {listing}")
-        return None
-    vocab = manifests[0].tokenizer.vocab_size
-    try:
-        file_vocab = Tokenizer.load(manifests[0].tokenizer_copy).vocab_size
-    except Exception as err:  # sentencepiece raises plain RuntimeError/OSError for a bad file
-        found.problems.append(f"{manifests[0].tokenizer_copy}: unreadable tokenizer ({err}); regenerate with `lmforge prep shards`")
-        return None
-    if file_vocab != vocab:
-        found.problems.append(f"{manifests[0].tokenizer_copy}: {file_vocab} tokens but its manifest says {vocab}; regenerate with `lmforge prep shards`")
-        return None
-    if config.model.vocab_size is not None and config.model.vocab_size != vocab:
-        found.problems.append(
-            f"model.vocab_size = {config.model.vocab_size} but the tokenizer of data.path has {vocab} tokens; "
-            "set model.vocab_size to null to take the tokenizer's"
-        )
-        return None
-    tokens = sum(m.tokens("train") for m in manifests)
-    found.fact("data", f"{len(manifests)} shard dir(s), {tokens:,} train tokens, vocab {vocab}"
-               f"{', checksums verified' if verify else ', checksums skipped'}")
-    return vocab
+    if launch.vocab is not None:
+        found.fact("data", f"{launch.shard_dirs} shard dir(s), {launch.train_tokens:,} train tokens, vocab {launch.vocab}"
+                   f"{', checksums verified' if verify else ', checksums skipped'}")
+    if launch.params is not None:
+        found.fact("model", f"{config.model.arch}, {launch.params / 1e6:,.2f}M params, vocab {launch.vocab}")
+    space = launch.checkpoint_space
+    if space is not None:
+        from pretrain.run_checks import checkpoints_at_once
 
-
-def deepspeed_config(config, world: int | None, found: Findings) -> dict[str, Any] | None:
-    """DeepSpeed's merged JSON for `world` ranks (None when unknown: the raw JSON is checked alone)."""
-    import torch
-
-    from lmforge.distributed import bf16_supported
-    from pretrain.config import resolve_repo_path
-    from pretrain.ds_config import build_deepspeed_config, read_deepspeed_json
-    from pretrain.pipeline import data_parallel_size
-
-    path = resolve_repo_path(config.deepspeed.config)
-    try:
-        raw = read_deepspeed_json(path)
-    except LmforgeError as err:
-        found.problems.append(str(err))
-        return None
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    found.problems += precision_problems(raw, path, gpu, bf16_supported())
-    found.problems += zero_problems(raw, path)
-    if world is None:
-        return None
-    try:
-        return build_deepspeed_config(path, config.train, data_parallel_size(config.parallel, world), bf16_supported())
-    except LmforgeError as err:
-        found.problems.append(str(err))
-        return None
-
-
-def run_dir_ok(run_dir: Path, found: Findings) -> bool:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".preflight_probe{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-        return True
-    except OSError as err:
-        found.problems.append(f"run.dir = {run_dir}: not writable ({err.strerror})")
-        return False
-
-
-def model_params(model_config) -> int:
-    """Parameters of the model: built on the CPU when small, else on the meta device (no memory, any size).
-
-    (The meta device costs a second or two of torch._dynamo imports; a small model builds in milliseconds.)
-    """
-    import contextlib
-
-    import torch
-
-    from pretrain.model import Transformer, matmul_params
-
-    small = matmul_params(model_config) < 20_000_000
-    with contextlib.nullcontext() if small else torch.device("meta"):
-        return Transformer(model_config).num_params()
-
-
-def disk_fits(config, params: int, found: Findings) -> None:
-    space = checkpoint_space(config.run.dir, params, config.train.keep_last)
-    keep = config.train.keep_last
-    sizes = (f"~{human_bytes(space.bytes_each)} each ({params:,} params × {BYTES_PER_PARAM} bytes), up to {keep + 1} "
-             f"on disk (train.keep_last = {keep}, + 1 being written)")
-    if space.bytes_needed > space.bytes_free:
-        found.problems.append(f"run.dir = {config.run.dir}: {human_bytes(space.bytes_free)} free, but checkpoints need "
-                              f"{human_bytes(space.bytes_needed)}: {sizes}; free space, lower train.keep_last or move run.dir")
-    found.fact("checkpoints", f"{sizes}; {human_bytes(space.bytes_free)} free at {config.run.dir}")
+        count, keep = checkpoints_at_once(config.train), config.train.keep_last
+        at_once = (f"up to {count} on disk (train.keep_last = {keep}, + 1 being written)" if count > 1
+                   else "1 on disk (train.save_interval = 0: saved at the end only)")
+        found.fact("checkpoints", f"~{human_bytes(space.bytes_each)} each ({launch.params:,} params × {BYTES_PER_PARAM} bytes), "
+                   f"{at_once}; {human_bytes(space.bytes_free)} free at {config.run.dir}")
+    for note in launch.notes:
+        found.fact("note", note)
 
 
 def check(args: argparse.Namespace) -> Findings:
-    """Runs every check; problems and summary facts, in that order of interest."""
+    """Runs every check; problems and summary facts, in that order of interest.
+
+    The checks of the config, data, DeepSpeed JSON and run.dir are `pretrain.run_checks.check_launch`,
+    the very function `lmforge train` runs; preflight adds only what needs no training process
+    (hosts, the launcher's world size, TORCH_CUDA_ARCH_LIST). Nothing is created here."""
     from pretrain.config import load_pretrain_config
+    from pretrain.run_checks import check_launch
 
     found = Findings()
     before, after, problems = environment.normalised_arch_list()
@@ -216,23 +138,14 @@ def check(args: argparse.Namespace) -> Findings:
     try:
         config = load_pretrain_config(args.config, args.set)
     except LmforgeError as err:
-        found.problems.append(str(err))
+        found.problems += str(err).splitlines()
         return found
-    vocab = data_vocab(config, not args.skip_checksums, found)
-    ds_config = deepspeed_config(config, world, found)
-    writable = run_dir_ok(config.run.dir, found)
+    launch = check_launch(config, world, verify_checksums=not args.skip_checksums)
+    found.problems += launch.problems
     found.run_dir = config.run.dir
-    if vocab is not None:
-        params = model_params(config.model.with_vocab(vocab))
-        found.fact("model", f"{config.model.arch}, {params / 1e6:,.2f}M params, vocab {vocab}")
-        if writable:
-            disk_fits(config, params, found)
-    if ds_config is not None and world is not None:
-        summarise_batch(config, ds_config, world, found)
-    if not found.problems:
-        from pretrain.train import prepare
-
-        prepare(config, world)  # what training itself checks, to be sure the two agree
+    launch_facts(launch.config, launch, not args.skip_checksums, found)
+    if launch.ds_config is not None and world is not None:
+        summarise_batch(launch.config, launch.ds_config, world, found)
     return found
 
 
@@ -261,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USER_ERROR_EXIT_CODE
     env_file = None
     if args.deepspeed_env:
+        found.run_dir.mkdir(parents=True, exist_ok=True)  # every check passed: the run dir may exist now
         env_file = (found.run_dir / DEEPSPEED_ENV_FILE).resolve()
         environment.write_deepspeed_env(env_file, values)
         found.fact("deepspeed env", f"{env_file}: {', '.join(values) or 'nothing'}")

@@ -2,7 +2,8 @@
 
 A job config is a frozen dataclass whose fields are section dataclasses (`run`, `model`, `train`,
 ...). `load_config` reads a YAML file, applies `--set section.key=value` overrides, checks every
-value against its field's type, and raises one `LmforgeError` listing every problem, each naming
+value against its field's type, and raises one `LmforgeError` listing every problem (one line
+each), each naming
 the full key, the value, what is allowed and the file. A section may add cross-field checks with a
 `problems(self) -> list[str]` method returning messages of the same shape.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -101,6 +103,10 @@ def _coerce(value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config field type {tp!r}")
 
 
+def _values(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, tuple) else (value,)
+
+
 def _build_section(cls: type, values: Mapping[str, Any], prefix: str, source: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -114,6 +120,9 @@ def _build_section(cls: type, values: Mapping[str, Any], prefix: str, source: st
             kwargs[key] = _coerce(value, hints[key])
         except _Mismatch:
             problems.append(f"{source}: {prefix}{key} = {value!r}: expected {_describe(hints[key])}")
+            continue
+        if any(isinstance(v, float) and not math.isfinite(v) for v in _values(kwargs[key])):
+            problems.append(f"{source}: {prefix}{key} = {value!r}: expected a finite number (not nan or inf)")
     for name, f in fields.items():
         if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{source}: {prefix}{name} is required ({_describe(hints[name])})")
@@ -142,12 +151,40 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
     return nested
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def safe_load_unique(text: str) -> Any:
+    """yaml.safe_load, refusing duplicate keys (a yaml.YAMLError naming the key and its line)."""
+    loader = _UniqueKeyLoader(text)  # a SafeLoader subclass: only plain YAML types are built
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """Reads a YAML file that must hold a mapping; a missing or malformed file is one-line error."""
+    """Reads a YAML file that must hold a mapping; a missing or malformed file, or a key given twice, is one-line error."""
     if not path.is_file():
         raise LmforgeError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_load_unique(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise LmforgeError(f"{path}: byte {err.start}: not valid UTF-8; expected a YAML file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -185,7 +222,7 @@ def config_from_mapping(schema: type[T], data: Mapping[str, Any], source: str = 
             problems.extend(f"{source}: {m}" for m in config.problems())
         if not problems:
             return config
-    raise LmforgeError("; ".join(problems))
+    raise LmforgeError("\n".join(problems))  # one `error:` line each
 
 
 def load_config(schema: type[T], path: Path | None, overrides: Sequence[str] = ()) -> T:

@@ -12,7 +12,8 @@ class LmforgeError(Exception):
     """A problem with the user's input (file, config key, argument): printed as one line, exit 2.
 
     The message names the file or key, the value found and what was expected; where a file is
-    bad, it also says which command regenerates it.
+    bad, it also says which command regenerates it. Several problems found at once are lines of
+    one message (one `error:` line each).
     """
 
 
@@ -22,8 +23,9 @@ def run_cli(entry: Callable[[Sequence[str] | None], int | None], argv: Sequence[
     try:
         return int(entry(argv) or 0)
     except LmforgeError as err:
-        message = " ".join(str(err).split("\n"))
-        print(f"error: {message}", file=sys.stderr)
+        for problem in str(err).split("\n"):  # several problems found at once: one line each
+            if problem.strip():
+                print(f"error: {' '.join(problem.split())}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

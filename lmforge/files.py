@@ -104,13 +104,25 @@ def ensure_writable_dir(directory: Path) -> Path:
 
 @contextmanager
 def output_directory(directory: Path) -> Iterator[Path]:
-    """`ensure_writable_dir` for the length of a job: the folders it had to create are removed again
-    when the job fails before writing anything into them, so a refused input leaves no trace."""
+    """`ensure_writable_dir` for the length of a job, leaving no trace of a refused input.
+
+    A corpus is judged while it streams (a bad document may come late), so the folders the job had
+    to create are removed again when it stops on an LmforgeError (a bad input), with whatever the
+    job wrote into them: nobody else's files can be there. Another failure (an interrupt, a crash)
+    keeps what was written, so a rerun resumes; only folders still empty are removed then."""
+    import shutil
+
+    from lmforge.errors import LmforgeError
+
     directory = Path(directory)
     created = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
     ensure_writable_dir(directory)
     try:
         yield directory
+    except LmforgeError:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        raise
     except BaseException:
         for folder in created:
             try:

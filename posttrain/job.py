@@ -21,7 +21,8 @@ from posttrain.config import PosttrainConfig
 from posttrain.heads import ScalarHeadModel
 from pretrain import checkpoint
 from pretrain.config import TrainConfig, resolve_repo_path
-from pretrain.ds_config import build_deepspeed_config
+from pretrain.ds_config import build_deepspeed_config, read_deepspeed_json
+from pretrain.ds_json_checks import deepspeed_json_problems
 from pretrain.model import ModelConfig, Transformer
 from pretrain.run_checks import check_run_dir
 # Reading any run (pretrain, import-hf, post-training) is pretrain.run_dir's; posttrain's callers import these from here too.
@@ -88,6 +89,9 @@ def prepare_job(config: PosttrainConfig, world_size: int, train: TrainConfig | N
     tokenizer_path = tokenizer.model_path or tokenizer_path
     config = replace(config, model=model, init=replace(init, tokenizer=Path(tokenizer_path)))
     ds_path = resolve_repo_path(config.deepspeed.config)
+    ds_problems = deepspeed_json_problems(read_deepspeed_json(ds_path), ds_path)  # as lmforge train judges it
+    if ds_problems:
+        raise LmforgeError("\n".join(ds_problems))
     ds_config = build_deepspeed_config(ds_path, train or config.train, world_size, bf16_supported())
     return Job(config, ds_config, tokenizer)
 

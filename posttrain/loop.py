@@ -65,7 +65,7 @@ class SupervisedLoop:
     def save(self) -> None:
         train = self.job.config.train
         state = {"step": self.step, "verb": self.verb, "seed": train.seed, "world_size": distributed.world_size()}
-        checkpoint.save(self.engine, self.job.config.run.dir, self.step, state, train.keep_last)
+        checkpoint.save(self.engine, self.job.config.run.dir, self.step, state, train.keep_last, {"verb": self.verb})
 
     def run(self, micro_loss: MicroLoss, evaluate: Callable[[], dict[str, float]] | None) -> dict[str, Any]:
         cfg, train = self.job.config, self.job.config.train

@@ -3,10 +3,12 @@ actor's and critic's train sections (posttrain/ppo.py is the verb, posttrain/ppo
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from lmforge.distributed import bf16_supported
 from lmforge.errors import LmforgeError
+from lmforge.run_layout import metrics_path
 from posttrain.config import PosttrainConfig
 from posttrain.formats import PROMPT_SHAPE, parse_prompt, split_records
 from posttrain.job import Job, prepare_job, run_model_config, run_tokenizer_path
@@ -57,6 +59,32 @@ def check_ppo(config: PosttrainConfig) -> list[str]:
     return found
 
 
+def check_reward_run(run_dir: Path) -> None:
+    """ppo.reward_run must be a reward model (`lmforge reward`): a language model's scalar head does not exist,
+    so every rollout would score 0. Told by the checkpoint record's verb (metrics for runs saved before it)."""
+    import json
+
+    from pretrain import checkpoint
+
+    tag = checkpoint.latest_tag(run_dir)
+    if tag is None:
+        raise LmforgeError(f"ppo.reward_run = {run_dir}: no complete checkpoint there; train one with `lmforge reward`")
+    record = checkpoint.read_record(checkpoint.checkpoints_dir(run_dir) / tag)
+    verb = record.get("verb")
+    if verb is None and "model" in record:
+        verb = "train"  # only `lmforge train` puts the model section in its records
+    if verb is None:  # a post-training run saved before records named the verb: reward runs log accuracy
+        try:
+            with open(metrics_path(run_dir), encoding="utf-8") as lines:
+                verb = "reward" if "accuracy" in json.loads(next(lines, "{}")) else None
+        except (OSError, ValueError):
+            verb = None
+    if verb != "reward":
+        what = f"a '{verb}' run" if verb else "not a run of `lmforge reward`"
+        raise LmforgeError(f"ppo.reward_run = {run_dir}: {what}, not a reward model (its scores would be meaningless); "
+                           "set it to the run.dir of `lmforge reward`")
+
+
 def prepare_ppo(config: PosttrainConfig, world_size: int) -> PPOJob:
     """Every check before any process group: config, prompts, reward run and its tokenizer, both DeepSpeed JSONs."""
     from data_prep.tokenizer import Tokenizer
@@ -73,6 +101,7 @@ def prepare_ppo(config: PosttrainConfig, world_size: int) -> PPOJob:
     reward_config = None
     if cfg.ppo.reward_run is not None:
         reward_run = resolve_repo_path(cfg.ppo.reward_run)
+        check_reward_run(reward_run)
         reward_config = run_model_config(reward_run)
         if Tokenizer.load(run_tokenizer_path(reward_run)).fingerprint != job.tokenizer.fingerprint:
             raise LmforgeError(f"ppo.reward_run = {reward_run}: trained with another tokenizer than the policy's "

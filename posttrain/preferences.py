@@ -33,6 +33,9 @@ def load_preference_data(job: Job) -> PreferenceData:
     if cfg.data.train is None:
         raise LmforgeError("data.train is required: a JSONL file of " + PREFERENCE_SHAPE)
     train, valid = split_records(cfg.data.train, cfg.data.valid, cfg.data.valid_fraction, parse_preference, PREFERENCE_SHAPE)
+    if train and all(p.chosen == p.rejected for p in train):  # the loss would sit at ln 2, learning nothing
+        raise LmforgeError(f"{cfg.data.train}: \"chosen\" equals \"rejected\" in every one of its {len(train)} train pairs; "
+                           "a preference needs two different responses")
 
     def render(pairs):
         rendered = [render_preference(job, p) for p in pairs]

@@ -9,6 +9,7 @@ imported as `module:function`.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -49,6 +50,13 @@ def resolve_reward_function(name: str, key: str = "ppo.reward_function") -> Rewa
         raise LmforgeError(f"{key} = {name!r}: cannot import it ({err})") from None
     if not callable(function):
         raise LmforgeError(f"{key} = {name!r}: not a function")
+    try:
+        inspect.signature(function).bind(["prompt"], ["response"])
+    except TypeError as err:
+        raise LmforgeError(f"{key} = {name!r}: cannot be called as {attr}(prompts, responses) ({err}); "
+                           "expected a function of two lists of strings returning one float per response") from None
+    except ValueError:  # a builtin without a signature: it will be called as it is
+        pass
     return function
 
 

@@ -107,6 +107,13 @@ class TrainConfig:
                 found.append(f"train.{key} = {getattr(self, key)}: must not be negative")
         if not 0 < self.lr:
             found.append(f"train.lr = {self.lr}: must be positive")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                found.append(f"train.{key} = {getattr(self, key)}: must be in [0, 1) (AdamW's moment decay)")
+        if not self.adam_eps > 0:
+            found.append(f"train.adam_eps = {self.adam_eps}: must be positive (it keeps AdamW's division finite)")
+        if not 0 <= self.seed < 2**63:
+            found.append(f"train.seed = {self.seed}: must be in [0, 2**63) (a 64-bit RNG seed)")
         if not 0 <= self.min_lr <= self.lr:
             found.append(f"train.min_lr = {self.min_lr}: must be between 0 and train.lr = {self.lr}")
         if self.warmup_steps > self.max_steps:

@@ -34,13 +34,31 @@ from pretrain.config import TrainConfig
 AUTO = "auto"
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
 def read_deepspeed_json(path: Path) -> dict[str, Any]:
+    """DeepSpeed's JSON at `path` as a dict; a missing file, bad JSON, a duplicate key or a non-object is one line."""
     if not path.is_file():
         raise LmforgeError(f"deepspeed.config = {path}: file not found (the JSONs live in ds_configs/)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as err:
         raise LmforgeError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    except _DuplicateKey as err:
+        raise LmforgeError(f"{path}: key {err.args[0]!r} appears twice in one object (JSON keeps only the last); remove one") from None
+    except UnicodeDecodeError as err:
+        raise LmforgeError(f"{path}: byte {err.start}: not valid UTF-8; expected a JSON file") from None
     if not isinstance(data, dict):
         raise LmforgeError(f"{path}: expected a JSON object of DeepSpeed settings")
     return data
@@ -122,14 +140,14 @@ def build_deepspeed_config(path: Path, train: TrainConfig, data_parallel_size: i
         autocast["enabled"] = bf16_supported
     if autocast.get("enabled") and (bf16.get("enabled") or fp16.get("enabled")):
         problems.append(f"{source}: torch_autocast.enabled with bf16/fp16.enabled: choose one precision mode")
-    if fp16.get("enabled") and not _fp16_device_available():
+    if fp16.get("enabled") and not bf16.get("enabled") and not _fp16_device_available():  # both: "choose one" says it
         problems.append(f"{source}: fp16.enabled = true, but DeepSpeed trains in fp16 only on GPUs and this machine has none; use a bf16 or fp32 JSON here")
     if bf16.get("enabled") and fp16.get("enabled"):
         problems.append(f"{source}: bf16.enabled and fp16.enabled are both true; choose one")
     config.setdefault("steps_per_print", 10**9)  # we log ourselves
     config.setdefault("wall_clock_breakdown", False)
     if problems:
-        raise LmforgeError("; ".join(problems))
+        raise LmforgeError("\n".join(problems))  # one `error:` line each
     return config
 
 

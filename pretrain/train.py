@@ -10,25 +10,25 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from lmforge import distributed, ownership, run_lock
 from lmforge.config import save_config
-from lmforge.distributed import bf16_supported, launcher_world_size
-from lmforge.errors import LmforgeError, run_cli
+from lmforge.distributed import launcher_world_size
+from lmforge.errors import run_cli
 from lmforge.run_layout import config_path
-from pretrain import checkpoint, faults, resume, run_checks
-from pretrain.config import PretrainConfig, load_pretrain_config, resolve_repo_path
-from pretrain.ds_config import build_deepspeed_config, guards_on_device, precision_of, zero_stage_of
+from pretrain import checkpoint, console, faults, resume, run_checks
+from pretrain.config import PretrainConfig, load_pretrain_config
+from pretrain.ds_config import guards_on_device, precision_of, zero_stage_of
 from pretrain.guarded_step import GuardedStep, PendingStep
 from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation
 from pretrain.model import Transformer
-from pretrain.pipeline import configure_pipeline, data_parallel_size, pipeline_metrics
+from pretrain.pipeline import data_parallel_size, pipeline_metrics
 from pretrain.preemption import PreemptionSignals
-from pretrain.rank_batches import BatchPrefetcher, TrainingData, check_data
+from pretrain.rank_batches import BatchPrefetcher, TrainingData
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -47,30 +47,18 @@ class PreparedRun:
 
     config: PretrainConfig
     ds_config: dict[str, Any]
+    notes: tuple[str, ...] = ()
+    """Lines for the start of the run (not errors), from run_checks."""
 
 
 def prepare(config: PretrainConfig, world_size: int, verify_checksums: bool = True) -> PreparedRun:
-    """Checks data (checksums too, unless `verify_checksums` is off), vocab, DeepSpeed JSON, run dir
-    and its free space; resolves model.vocab_size from the data. Nothing is written before every
-    input has been checked."""
-    vocab_size = check_data(config.data)
-    if config.model.vocab_size is not None and config.model.vocab_size != vocab_size:
-        raise LmforgeError(
-            f"model.vocab_size = {config.model.vocab_size} but the tokenizer of data.path has {vocab_size} tokens; "
-            "set model.vocab_size to null to take the tokenizer's"
-        )
-    config = replace(config, model=config.model.with_vocab(vocab_size))
-    ds_path = resolve_repo_path(config.deepspeed.config)
-    ds_config = build_deepspeed_config(ds_path, config.train, data_parallel_size(config.parallel, world_size), bf16_supported())
-    ds_config = configure_pipeline(ds_config, config.parallel, config.model, world_size)
-    if verify_checksums:
-        run_checks.verify_shards(config.data)
-    run_checks.open_datasets(config.data, config.train.seq_len, config.train.seed)
-    ownership.check_output(config.run.dir, "run", "train", "run.dir", ownership.config_paths(config), resolve_repo_path)
-    run_checks.check_disk_space(config.run.dir, config.model, config.train.keep_last)
-    run_checks.check_run_dir(config.run.dir)
-    ownership.claim(config.run.dir, "run", "train")
-    return PreparedRun(config, ds_config)
+    """Runs the one set of launch checks (`pretrain.run_checks.check_launch`, as `lmforge preflight` does):
+    every problem is one line of one LmforgeError; only then is run.dir created."""
+    found = run_checks.check_launch(config, world_size, verify_checksums)
+    found.raise_problems()
+    run_checks.check_run_dir(found.config.run.dir)
+    ownership.claim(found.config.run.dir, "run", "train")
+    return PreparedRun(found.config, found.ds_config, tuple(found.notes))
 
 
 class Trainer:
@@ -281,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = distributed.init_distributed()
     if info.world_size != launcher_world_size():  # MPI discovery can learn the size only now
         run = prepare(config, info.world_size)
+    console.keep_deepspeed_warnings_in(run.config.run.dir / console.DEEPSPEED_LOG, distributed.is_main())
     try:
         _progress(f"building the model and the DeepSpeed engine (ZeRO-{zero_stage_of(run.ds_config)})")
         run_lock.acquire_on_main(run.config.run.dir, distributed.is_main(), distributed.broadcast_object)
@@ -294,11 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if distributed.is_main():
             cfg = run.config
             print(
-                f"training {cfg.model.arch} ({trainer.model.num_params() / 1e6:.2f}M params) on {info.world_size} "
+                f"training {cfg.model.arch} ({run_checks.parameter_count(cfg.model) / 1e6:.2f}M params) on {info.world_size} "
                 f"rank(s), {info.device.type}, ZeRO-{zero_stage_of(run.ds_config)}, {precision_of(run.ds_config)}, "
                 f"run dir {cfg.run.dir}",
                 flush=True,
             )
+            for note in run.notes:
+                print(f"note: {note}", flush=True)
             if run.config.train.compile and info.device.type == "cuda":
                 _progress("the first step compiles the model (torch.compile): expect tens of seconds before the next line")
         last = trainer.run(signals)

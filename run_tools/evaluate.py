@@ -8,8 +8,9 @@ tail. Window batches are dealt round-robin over ranks (`torchrun -m run_tools.ev
 
 loss is nats per predicted token with the training loss's definition (softmax over the padded
 vocab); perplexity = exp(loss); bits per byte = loss / ln 2 * (split tokens / split UTF-8 bytes),
-both from the manifest, so it compares across tokenizers. The table is printed and written to
-RUN_DIR/eval_<split>.json.
+both from the manifest, so it compares across tokenizers. The table is printed; `--output FILE`
+also writes it as JSON. Nothing is written into the run directory (an archived, read-only run
+evaluates as any other).
 """
 from __future__ import annotations
 
@@ -39,13 +40,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=None, help="at most this many batches per rank (default: the whole split)")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: train.micro_batch_size)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens of context per window (default: train.seq_len)")
+    parser.add_argument("--output", type=Path, default=None, metavar="FILE",
+                        help="also write the result as JSON to FILE (default: print only; the run dir is never written)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """What RUN_DIR/eval_<split>.json holds."""
+    """What --output FILE holds."""
 
     run_dir: str
     checkpoint: str
@@ -152,6 +155,13 @@ def _check_data(run_dir: Path, model, manifest, shard_dir: Path) -> None:
         )
 
 
+def nearest_dir_writable(path: Path) -> bool:
+    import os
+
+    folder = next((p for p in Path(path).absolute().parents if p.exists()), Path.cwd())
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+
+
 def print_table(result: EvalResult) -> None:
     rows = [
         ("checkpoint", result.checkpoint),
@@ -176,11 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     run_config = load_run_config(args.checkpoint)
     shard_dir = args.data if args.data is not None else default_shard_dir(args.checkpoint, run_config)
-    seq_len = args.seq_len or run_config.train.seq_len
-    batch_size = args.batch_size or run_config.train.micro_batch_size
+    seq_len = run_config.train.seq_len if args.seq_len is None else args.seq_len  # 0 is refused below, not the default
+    batch_size = run_config.train.micro_batch_size if args.batch_size is None else args.batch_size
     for name, value in (("--seq-len", seq_len), ("--batch-size", batch_size), ("--batches", args.batches)):
         if value is not None and value < 1:
             raise LmforgeError(f"{name} {value}: must be at least 1")
+    if args.output is not None and (args.output.is_dir() or not nearest_dir_writable(args.output)):
+        raise LmforgeError(f"--output {args.output}: {'a directory' if args.output.is_dir() else 'not writable'}; "
+                           "expected a file path in a writable folder")
     if seq_len > run_config.model.max_seq_len:
         raise LmforgeError(f"--seq-len {seq_len}: longer than the model's max_seq_len = {run_config.model.max_seq_len}")
     manifest = load_manifest(shard_dir)
@@ -204,7 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if distributed.is_main():
             print_table(result)
-            write_atomic(Path(args.checkpoint) / f"eval_{args.split}.json", (json.dumps(asdict(result), indent=2) + "\n").encode())
+            if args.output is not None:
+                args.output.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(args.output, (json.dumps(asdict(result), indent=2) + "\n").encode())
     finally:
         distributed.shutdown()
     return 0

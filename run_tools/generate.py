@@ -6,6 +6,7 @@ an end-of-document token, which is also post-training's raw-prompt template (`</
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -36,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise LmforgeError("--max-new-tokens and --num-samples must be at least 1")
-    if not (args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
+    if not (math.isfinite(args.temperature) and args.temperature >= 0 and args.top_k >= 0 and 0 < args.top_p <= 1):
         raise LmforgeError(f"--temperature {args.temperature}, --top-k {args.top_k}, --top-p {args.top_p}: expected "
                            "temperature >= 0 (0: greedy), top-k >= 0 (0: off) and 0 < top-p <= 1 (1: off)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,6 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenizer = load_run_tokenizer(args.checkpoint, config.model)
     # Training saw documents after end-of-document tokens, never after BOS: start from EOD.
     ids = [tokenizer.eod_id] + tokenizer.encode(args.prompt)
+    context = config.model.max_seq_len
+    if len(ids) >= context:
+        what = "fills" if len(ids) == context else "is longer than"
+        raise LmforgeError(f"--prompt: {len(ids):,} tokens (with the start-of-document token) {what} the model's context "
+                           f"of {context:,} (model.max_seq_len), leaving no room for a new token; shorten it")
+    if len(ids) + args.max_new_tokens > context:
+        print(f"note: --max-new-tokens {args.max_new_tokens} cut to {context - len(ids)}: the prompt's {len(ids)} tokens "
+              f"leave that much room in the model's context of {context}", file=sys.stderr)
     prompt = torch.tensor([ids] * args.num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,

@@ -296,6 +296,11 @@ def from_hf(hf_state: Mapping[str, torch.Tensor], model: ModelConfig, expected: 
     if extra:
         raise LmforgeError(f"{source}: weights {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''} are not part of "
                            "the model its config.json describes")
+    embed_name = "model.embed_tokens.weight" if model.arch == "llama" else "transformer.wte.weight"
+    if model.tied and "lm_head.weight" in hf and embed_name in hf and not torch.equal(hf["lm_head.weight"], hf[embed_name]):
+        # transformers (5) unties such a model and predicts with the file's head: dropping it would change the logits
+        raise LmforgeError(f"{source}: config.json says tie_word_embeddings = true, but its lm_head.weight differs from "
+                           f"{embed_name}; set \"tie_word_embeddings\": false in config.json to import the head as it is")
     try:
         out = _llama_from_hf(hf, model, expected) if model.arch == "llama" else _gpt2_from_hf(hf, model)
     except KeyError as err:

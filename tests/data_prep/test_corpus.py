@@ -50,7 +50,7 @@ def test_jsonl_text_field_is_configurable(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(_jsonl_bytes([{"content": "a"}, {"content": "b"}]))
     assert read_all(path, text_field="content") == ["a", "b"]
-    with pytest.raises(LmforgeError, match=r"d.jsonl: line 1: no string field 'text'"):
+    with pytest.raises(LmforgeError, match=r"d.jsonl: line 1: no field 'text', not a string"):
         read_all(path)
 
 
@@ -124,3 +124,38 @@ def test_corrupt_compressed_or_parquet_file_is_a_one_line_error(tmp_path, name):
     (tmp_path / name).write_bytes(b"garbage")
     with pytest.raises(LmforgeError, match=rf"{name}: cannot read \(.+\); expected a"):
         read_all(tmp_path / name)
+
+
+def test_fifos_devices_and_dangling_links_in_a_directory_are_skipped_with_a_count_never_opened(tmp_path, capsys):
+    import os
+
+    (tmp_path / "a.py").write_text("a = 1\n")
+    os.mkfifo(tmp_path / "pipe")  # opening it would block forever: nobody writes to it
+    (tmp_path / "gone.py").symlink_to(tmp_path / "missing.py")
+    (tmp_path / "null").symlink_to("/dev/null")
+    corpus = Corpus(CorpusSpec(inputs=(str(tmp_path),)))
+    assert list(corpus.documents()) == ["a = 1\n"]
+    assert dict(corpus.skipped_files) == {"FIFO": 1, "dangling symlink": 1, "character device": 1}
+    assert "note: skipped 1 FIFO, 1 character device, 1 dangling symlink in the input directories" in capsys.readouterr().err
+
+
+def test_parquet_nulls_follow_the_jsonl_rule_error_or_skip_with_a_count(tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["a", None, "b", None]}), path)
+    with pytest.raises(LmforgeError, match=r"d.parquet: row 2: 'text' is null, not a string; pass --skip-bad-documents"):
+        read_all(path)
+    corpus = Corpus(CorpusSpec(inputs=(str(path),), skip_bad_documents=True))
+    assert list(corpus.documents()) == ["a", "b"] and corpus.skipped_documents == 2
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "a"}\n{"text": null}\n')
+    with pytest.raises(LmforgeError, match=r"d.jsonl: line 2: 'text' is null, not a string"):
+        read_all(jsonl)
+
+
+def test_a_column_or_field_of_another_type_is_named_with_its_type(tmp_path):
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
+    with pytest.raises(LmforgeError, match=r"n.parquet: column 'text' holds int64, not text"):
+        read_all(tmp_path / "n.parquet")
+    (tmp_path / "n.jsonl").write_text('{"text": 3.5}\n')
+    with pytest.raises(LmforgeError, match=r"n.jsonl: line 1: 'text' is float, not a string"):
+        read_all(tmp_path / "n.jsonl")

@@ -185,3 +185,55 @@ def test_unfinished_run_with_other_options_is_replaced_by_the_new_run(tmp_path, 
     options = ShardOptions(valid_fraction=0.15, seed=3, shard_tokens=100_000, workers=1)
     build_shards(spec, model, tmp_path / "out", options, progress=False)
     assert snapshot(tmp_path / "out") == snapshot(tiny_corpus_shards.shard_dir)
+
+
+def test_a_huge_document_is_tokenized_in_pieces_with_exactly_the_whole_documents_tokens(tiny_corpus_shards):
+    import random
+
+    from data_prep.shards import _encode_documents, document_pieces
+
+    tokenizer = Tokenizer.load(tiny_corpus_shards.tokenizer_dir / "tokenizer.model")
+    rng = random.Random(1)
+    words = ["def", "  return", "self.x", "\n    import", "rängé", "x  ", "(", ")\n", "\tfor", "12", "  ", " ", "\n\n"]
+    text = "".join(rng.choice(words) + rng.choice(["", " ", "  ", "\n"]) for _ in range(20000))
+    for size in (777, 5000):
+        pieces = list(document_pieces(text, size))
+        assert "".join(pieces) == text and len(pieces) > 3
+        assert [i for p in pieces for i in tokenizer.encode(p)] == tokenizer.encode(text)
+    shards_module.PIECE_CHARS, saved = 1000, shards_module.PIECE_CHARS
+    try:
+        tokens, lengths = _encode_documents([text, "x = 1"], tokenizer)
+    finally:
+        shards_module.PIECE_CHARS = saved
+    assert tokens.tolist() == tokenizer.encode(text) + [tokenizer.eod_id] + tokenizer.encode("x = 1") + [tokenizer.eod_id]
+    assert lengths.tolist() == [len(tokenizer.encode(text)) + 1, len(tokenizer.encode("x = 1")) + 1]
+
+
+@pytest.mark.slow
+def test_a_one_line_document_is_sharded_in_memory_a_few_times_its_size(tiny_corpus_shards, tmp_path):
+    """A 24 MB one-line document: peak RSS of `prep shards` stays under 150 MB + 6 x its size (it was ~50x)."""
+    import random
+    import subprocess
+    import sys
+
+    from tests.pretrain.training_runs import REPO, run_env
+
+    rng = random.Random(0)
+    words = ["def", "return", "self", "value", "x", "=", "(", ")", "for", "in", "0", "1", "total"]
+    doc = tmp_path / "huge.txt"
+    with open(doc, "w") as out:
+        for _ in range(24):
+            out.write(" ".join(rng.choice(words) for _ in range(200_000)) + " ")
+    size = doc.stat().st_size
+    command = [sys.executable, "-m", "lmforge.cli", "prep", "shards", "--input", str(doc), "--tokenizer",
+               str(tiny_corpus_shards.tokenizer_dir), "--output", str(tmp_path / "out"), "--workers", "1"]
+    # a fresh parent whose only child is `prep shards`: its children's maximum RSS is that run's peak
+    measure = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    result = subprocess.run([sys.executable, "-c", measure, *command], cwd=REPO, env=run_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak = int(result.stdout.split()[-1]) * 1024
+    assert peak < 150e6 + 6 * size, (peak, size)
+    manifest = load_manifest(tmp_path / "out")
+    assert sum(s.documents for s in manifest.shards) == 1

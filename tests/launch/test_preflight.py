@@ -36,7 +36,7 @@ def test_ok_summary_gives_world_size_batch_tokens_params_and_checkpoint_size(sha
     assert "global batch  4 sequences = micro 2 × accum 1 × 2 ranks" in out
     assert "tokens/step   128 (32 tokens per sequence)" in out
     assert f"({params:,} params × 16 bytes)" in out and f"~{human_bytes(params * 16)} each" in out
-    assert "up to 4 on disk (train.keep_last = 3" in out
+    assert "1 on disk (train.save_interval = 0: saved at the end only)" in out
     assert "checksums verified" in out and "ZeRO-1, fp32" in out
     assert result.stderr == ""
 
@@ -90,7 +90,7 @@ BROKEN = {
     "bad_yaml_key": (lambda s, t: tiny_train_args(t / "run", s, **{"train.max_step": 5}),
                      "unknown key 'train.max_step'; did you mean 'max_steps'?"),
     "missing_data_dir": (lambda s, t: tiny_train_args(t / "run", t / "no-such-shards"),
-                         "manifest.json: manifest not found"),
+                         "no-such-shards: no manifest.json there"),
     "vocab_mismatch": (lambda s, t: tiny_train_args(t / "run", s, **{"model.vocab_size": 1000}),
                        "model.vocab_size = 1000 but the tokenizer of data.path has 512 tokens"),
     "batch_contradiction": (lambda s, t: tiny_train_args(t / "run", s, **{"deepspeed.config": _write(

@@ -16,7 +16,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from pretrain import checkpoint, universal_checkpoint, faults, resume, run_checks
-from pretrain.config import PretrainConfig
+from pretrain.config import PretrainConfig, TrainConfig
 from pretrain.guarded_step import GuardedStep, StepOutcome
 from pretrain.metrics import MetricsWriter, read_metrics
 from pretrain.model import ModelConfig
@@ -244,11 +244,11 @@ def test_disk_space_check_counts_parameters_without_building_the_model(tmp_path)
     huge = ModelConfig(n_layers=96, d_model=12288, n_heads=96, vocab_size=50257)  # ~175B parameters
     assert run_checks.parameter_count(huge) > 170e9
     with pytest.raises(LmforgeError, match=r"run.dir = .*free, but checkpoints need .* lower train.keep_last"):
-        run_checks.check_disk_space(tmp_path, huge, keep_last=3)
+        run_checks.check_disk_space(tmp_path, huge, TrainConfig(keep_last=3))
     with pytest.raises(LmforgeError, match=r"run.dir = .*/new/run: .*free, but checkpoints need"):
-        run_checks.check_disk_space(tmp_path / "new" / "run", huge, keep_last=3)
+        run_checks.check_disk_space(tmp_path / "new" / "run", huge, TrainConfig(keep_last=3))
     assert not (tmp_path / "new").exists()
-    run_checks.check_disk_space(tmp_path, ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=512), keep_last=3)
+    run_checks.check_disk_space(tmp_path, ModelConfig(n_layers=2, d_model=32, n_heads=4, vocab_size=512), TrainConfig(keep_last=3))
 
 
 def test_a_run_dir_under_a_regular_file_is_not_writable(tmp_path):

@@ -68,10 +68,11 @@ def eval_command(nproc: int) -> list[str]:
 
 
 def run_eval(run_dir: Path, nproc: int, *extra: str) -> tuple[str, dict]:
-    result = subprocess.run(eval_command(nproc) + ["--checkpoint", str(run_dir), *extra], cwd=REPO, env=run_env(),
-                            capture_output=True, text=True, timeout=300)
+    output = run_dir.parent / f"eval_{run_dir.name}_{nproc}.json"
+    result = subprocess.run(eval_command(nproc) + ["--checkpoint", str(run_dir), "--output", str(output), *extra], cwd=REPO,
+                            env=run_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout, json.loads((run_dir / "eval_valid.json").read_text())
+    return result.stdout, json.loads(output.read_text())
 
 
 @pytest.mark.slow
@@ -128,3 +129,27 @@ def test_eval_input_errors_are_one_line(trained_run, tmp_path, capsys):
     assert "manifest not found" in error("--data", str(tmp_path))
     assert "no complete checkpoint for --step 3" in error("--step", "3")
     assert "not an lmforge run directory" in error(run_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_eval_of_a_read_only_archived_run_writes_nothing_into_it(trained_run, tmp_path):
+    import hashlib
+    import shutil
+    import stat
+
+    archive = tmp_path / "archived"
+    shutil.copytree(trained_run, archive)
+    before = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in archive.rglob("*")}
+    paths = [archive, *archive.rglob("*")]
+    for path in paths:  # chmod -R a-w (root ignores it: the snapshot below is the real check)
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        result = subprocess.run(eval_command(1) + ["--checkpoint", str(archive), "--batches", "2"], cwd=REPO, env=run_env(),
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        for path in paths:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "perplexity" in result.stdout
+    after = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in archive.rglob("*")}
+    assert after == before

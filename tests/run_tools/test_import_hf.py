@@ -181,3 +181,21 @@ def test_unsupported_or_damaged_hf_models_are_one_line_errors(imported, tmp_path
     assert not out.exists()
     assert "comes from the HF config.json" in _import_error(capsys, source, out, "--set", "model.d_model=64")
     assert "already holds checkpoints" in _import_error(capsys, source, imported["gpt2"][1])
+
+
+@pytest.mark.slow
+def test_a_tied_config_over_a_file_with_its_own_head_is_refused_and_the_untied_import_gives_transformers_logits(
+        imported, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    source, untied_run, _ = imported["llama-gqa-padded"]  # its own lm_head, different from the embedding
+    tied = _edit_config(source, tmp_path / "tied", tie_word_embeddings=True)
+    err = _import_error(capsys, tied, tmp_path / "run")
+    assert "config.json says tie_word_embeddings = true, but its lm_head.weight differs" in err
+    assert not (tmp_path / "run").exists()
+    # what transformers computes for that directory: the file's head (it unties), i.e. the untied import's logits
+    ours, config, _ = load_checked_model(untied_run)
+    theirs = AutoModelForCausalLM.from_pretrained(tied).eval()
+    tokens = torch.randint(0, config.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(ours(tokens), theirs(tokens).logits[..., : config.model.vocab_size], atol=1e-5, rtol=0)
