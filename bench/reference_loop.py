@@ -24,9 +24,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from data_prep.manifest import load_manifest
 from lmforge.errors import LmforgeError, run_cli
 from pretrain.config import PretrainConfig, TrainConfig, load_pretrain_config, resolve_repo_path
-from pretrain.rank_batches import check_data
 from pretrain.dataset import build_dataset
 from pretrain.model import Transformer
 
@@ -64,7 +64,7 @@ def _rows(dataset, first: int, count: int, device: torch.device) -> tuple[torch.
 def train_reference(config: PretrainConfig, ranks: int, device: torch.device) -> Iterator[dict[str, Any]]:
     """Trains config's model for train.max_steps; yields one record per step, then {"val_loss": ...}."""
     train = config.train
-    model_config = config.model.with_vocab(check_data(config.data))
+    model_config = config.model.with_vocab(load_manifest(resolve_repo_path(config.data.path[0])).tokenizer.vocab_size)
     torch.manual_seed(train.seed)
     model = Transformer(model_config).to(device)
     optimizer = torch.optim.AdamW(parameter_groups(model, train), lr=train.lr, betas=(train.beta1, train.beta2),

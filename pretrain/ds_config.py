@@ -1,7 +1,9 @@
 """The one place where lmforge's YAML values reach DeepSpeed's JSON.
 
 `ds_configs/*.json` are DeepSpeed's own format. `build_deepspeed_config` fills in what DeepSpeed
-must agree on with our `train` section, and refuses a JSON that says something different:
+must agree on with our `train` section, and refuses a JSON that says something different; the
+two other sections lmforge writes are here too: `pipeline` (`with_pipeline`, from the `parallel`
+section) and `checkpoint.load_universal` (`with_universal_loading`, a resume on other ranks):
 
 | DeepSpeed key                         | filled from                                   |
 | ------------------------------------- | --------------------------------------------- |
@@ -202,3 +204,21 @@ def guards_on_device(ds_config: dict[str, Any]) -> bool:
     pipelined = int((ds_config.get("pipeline") or {}).get("stages", 1) or 1) > 1
     bf16_wrapper = precision == "bf16" and zero_stage_of(ds_config) == 0
     return not (offloaded or loss_scaled or pipelined or bf16_wrapper)
+
+
+def with_pipeline(ds_config: dict[str, Any], stages: int, partition: str) -> dict[str, Any]:
+    """DeepSpeed's JSON with its `pipeline` section (`stages`, `partition`) set (a copy);
+    pretrain.pipeline.configure_pipeline checks the layout first."""
+    config = copy.deepcopy(ds_config)
+    section = config.setdefault("pipeline", {})
+    section["stages"] = stages
+    section["partition"] = partition
+    return config
+
+
+def with_universal_loading(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """DeepSpeed's JSON with `checkpoint.load_universal` on (a copy): a resume on another number of
+    data-parallel ranks (pretrain.universal_checkpoint)."""
+    config = copy.deepcopy(ds_config)
+    config.setdefault("checkpoint", {})["load_universal"] = True
+    return config

@@ -22,7 +22,6 @@ parallelism across the DP replicas of each stage; micro-batches are gradient acc
 """
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any
 
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from lmforge.errors import LmforgeError
 from pretrain.activation_checkpointing import checkpoint_function
 from pretrain.config import ParallelConfig
-from pretrain.ds_config import activation_checkpoint_every, zero_stage_of
+from pretrain.ds_config import activation_checkpoint_every, with_pipeline, zero_stage_of
 from pretrain.model import Block, ModelConfig, Transformer, token_cross_entropy
 
 FIRST_BLOCK_LAYER = 2
@@ -213,11 +212,7 @@ def configure_pipeline(ds_config: dict[str, Any], parallel: ParallelConfig, mode
         raise LmforgeError("; ".join(problems))
     if parallel.pipeline_stages <= 1:
         return ds_config
-    config = copy.deepcopy(ds_config)
-    section = config.setdefault("pipeline", {})
-    section["stages"] = parallel.pipeline_stages
-    section["partition"] = DEEPSPEED_PARTITION[parallel.partition_method]
-    return config
+    return with_pipeline(ds_config, parallel.pipeline_stages, DEEPSPEED_PARTITION[parallel.partition_method])
 
 
 # ----------------------------------------------------------------------------- metrics

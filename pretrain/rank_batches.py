@@ -7,42 +7,14 @@ whatever the number of ranks or the accumulation split, and a resumed run contin
 """
 from __future__ import annotations
 
-import json
 import queue
 import threading
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
 from pretrain.config import DataConfig, TrainConfig, resolve_repo_path
-
-
-def _manifest_tokenizer(shard_dir: Path) -> dict:
-    manifest = shard_dir / "manifest.json"
-    if not manifest.is_file():
-        raise LmforgeError(
-            f"data.path = {shard_dir}: no manifest.json there; make the shards with "
-            f"`lmforge prep shards --input ... --tokenizer ... --output {shard_dir}`"
-        )
-    try:
-        return json.loads(manifest.read_text())["tokenizer"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise LmforgeError(f"{manifest}: not an lmforge shard manifest (re-run `lmforge prep shards`)") from None
-
-
-def check_data(data: DataConfig) -> int:
-    """Checks every shard directory exists with one tokenizer; returns that tokenizer's vocab size."""
-    tokenizers = {}
-    for path in data.path:
-        shard_dir = resolve_repo_path(path)
-        tokenizers[shard_dir] = _manifest_tokenizer(shard_dir)
-    fingerprints = {t.get("fingerprint") for t in tokenizers.values()}
-    if len(fingerprints) > 1:
-        listing = ", ".join(f"{p} ({t.get('fingerprint', '?')[:12]})" for p, t in tokenizers.items())
-        raise LmforgeError(f"data.path: shard sets were made with different tokenizers: {listing}")
-    return int(next(iter(tokenizers.values()))["vocab_size"])
 
 
 class TrainingData:

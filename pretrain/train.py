@@ -22,7 +22,7 @@ from lmforge.errors import run_cli
 from lmforge.run_layout import config_path
 from pretrain import checkpoint, console, faults, resume, run_checks
 from pretrain.config import PretrainConfig, load_pretrain_config
-from pretrain.ds_config import guards_on_device, precision_of, zero_stage_of
+from pretrain.ds_config import guards_on_device, precision_of, with_universal_loading, zero_stage_of
 from pretrain.guarded_step import GuardedStep, PendingStep
 from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation
 from pretrain.model import Transformer
@@ -72,8 +72,6 @@ class Trainer:
                                         zero_stage_of(self.ds_config))
         ds_config = self.ds_config
         if self.resume_point is not None and self.resume_point.load_dir is not None:
-            from pretrain.universal_checkpoint import with_universal_loading
-
             ds_config = with_universal_loading(ds_config)
         torch.manual_seed(train.seed)
         self.model = Transformer(self.config.model)

@@ -10,7 +10,6 @@ ZeRO-0 checkpoints hold the whole optimizer state and load on any number of rank
 """
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import subprocess
@@ -71,8 +70,3 @@ def universal_copy(folder: Path) -> Path:
     return target
 
 
-def with_universal_loading(ds_config: dict[str, Any]) -> dict[str, Any]:
-    """DeepSpeed's JSON with `checkpoint.load_universal` on (a copy)."""
-    config = copy.deepcopy(ds_config)
-    config.setdefault("checkpoint", {})["load_universal"] = True
-    return config
