@@ -13,7 +13,8 @@ import pytest
 
 from lmforge import ownership
 from lmforge.errors import LmforgeError
-from tests.pretrain.test_reliability_bad_inputs import TINY, snapshot
+from tests.pretrain.bad_input_catalogue import TINY
+from tests.pretrain.test_reliability_bad_inputs import snapshot
 from tests.pretrain.training_runs import REPO, run_env
 
 
