@@ -121,14 +121,14 @@ class PPOTrainer:
         ppo, train = self.config.ppo, self.config.train
         self.actor.train()
         self.critic.train()
-        seq, mask = exp.samples.sequences, exp.mask
+        seq, mask, attention = exp.samples.sequences, exp.mask, exp.samples.attention_mask
         sums: dict[str, torch.Tensor] = {}
         count = 0
         for epoch in range(ppo.epochs):
             order = torch.randperm(seq.shape[0], generator=self._generator(1 + epoch)).to(seq.device)
             for start in range(0, seq.shape[0], train.micro_batch_size):
                 idx = order[start : start + train.micro_batch_size]
-                logits = self.actor(seq[idx])
+                logits = self.actor(seq[idx], attention_mask=attention[idx])
                 logp = response_slice(token_logprobs(logits, seq[idx], ppo.temperature), exp.samples)
                 policy_loss, clip_fraction, approx_kl = clipped_policy_loss(
                     logp, exp.old_logprobs[idx], exp.advantages[idx], mask[idx], ppo.clip_range)
@@ -136,7 +136,7 @@ class PPOTrainer:
                                                      exp.samples), mask[idx])
                 self.actor.backward(policy_loss)
                 self.actor.step()
-                values = response_slice(self.critic(seq[idx])[:, :-1], exp.samples)
+                values = response_slice(self.critic(seq[idx], attention_mask=attention[idx])[:, :-1], exp.samples)
                 value_loss = clipped_value_loss(values, exp.old_values[idx], exp.returns[idx], mask[idx], ppo.value_clip_range)
                 self.critic.backward(value_loss)
                 self.critic.step()
