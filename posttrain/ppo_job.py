@@ -8,9 +8,9 @@ from typing import Any
 from lmforge.distributed import bf16_supported
 from lmforge.errors import LmforgeError
 from posttrain.config import PosttrainConfig
-from posttrain.formats import PROMPT_SHAPE, parse_prompt, split_records
-from posttrain.job import Job, prepare_job, run_model_config, run_tokenizer_path
-from posttrain.template import render_prompt
+from posttrain.formats import PROMPT_SHAPE
+from posttrain.job import Job, prepare_job
+from posttrain.rollout_job import check_reward_source, rollout_prompts, stretched_train_section
 from pretrain.config import TrainConfig, resolve_repo_path
 from pretrain.ds_config import build_deepspeed_config
 
@@ -22,9 +22,7 @@ def updates_per_iteration(config: PosttrainConfig) -> int:
 
 def actor_train_section(config: PosttrainConfig) -> TrainConfig:
     """train.* with max_steps/warmup_steps in optimizer steps (the YAML counts PPO iterations), for DeepSpeed's schedule."""
-    n = max(1, updates_per_iteration(config))
-    t = config.train
-    return replace(t, max_steps=t.max_steps * n, warmup_steps=t.warmup_steps * n)
+    return stretched_train_section(config.train, updates_per_iteration(config))
 
 
 def critic_train_section(config: PosttrainConfig) -> TrainConfig:
@@ -59,31 +57,18 @@ def check_ppo(config: PosttrainConfig) -> list[str]:
 
 def prepare_ppo(config: PosttrainConfig, world_size: int) -> PPOJob:
     """Every check before any process group: config, prompts, reward run and its tokenizer, both DeepSpeed JSONs."""
-    from data_prep.tokenizer import Tokenizer
     from posttrain.reward_functions import resolve_reward_function
 
     if problems := check_ppo(config):
         raise LmforgeError("; ".join(problems))
     job = prepare_job(config, world_size, actor_train_section(config))
     cfg = job.config
-    total = cfg.data.max_prompt_len + cfg.ppo.max_new_tokens
-    if total > cfg.model.max_seq_len:
-        raise LmforgeError(f"data.max_prompt_len + ppo.max_new_tokens = {total}: must not exceed model.max_seq_len = "
-                           f"{cfg.model.max_seq_len}")
-    reward_config = None
-    if cfg.ppo.reward_run is not None:
-        reward_run = resolve_repo_path(cfg.ppo.reward_run)
-        reward_config = run_model_config(reward_run)
-        if Tokenizer.load(run_tokenizer_path(reward_run)).fingerprint != job.tokenizer.fingerprint:
-            raise LmforgeError(f"ppo.reward_run = {reward_run}: trained with another tokenizer than the policy's "
-                               f"({cfg.init.tokenizer})")
-        job = replace(job, config=replace(cfg, ppo=replace(cfg.ppo, reward_run=reward_run)))
-    else:
-        resolve_reward_function(cfg.ppo.reward_function)
+    reward_run, reward_config = check_reward_source(job, cfg.ppo.reward_run, cfg.ppo.reward_function, "ppo")
+    job = replace(job, config=replace(cfg, ppo=replace(cfg.ppo, reward_run=reward_run)))
+    cfg = job.config
     if cfg.ppo.monitor_function is not None:
         resolve_reward_function(cfg.ppo.monitor_function, "ppo.monitor_function")
-    records, _ = split_records(cfg.data.train, None, 0.0, parse_prompt, PROMPT_SHAPE)
-    prompts = [render_prompt(job.tokenizer, p, cfg.data.max_prompt_len) for p in records]
+    prompts = rollout_prompts(job, cfg.ppo.max_new_tokens, "ppo")
     critic_ds = build_deepspeed_config(resolve_repo_path(cfg.deepspeed.config), critic_train_section(cfg), world_size,
                                        bf16_supported())
     return PPOJob(job, critic_ds, prompts, reward_config)

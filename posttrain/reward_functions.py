@@ -1,4 +1,4 @@
-"""Programmatic rewards for PPO (`ppo.reward_function`) and scoring with a trained reward model.
+"""Programmatic rewards for PPO and GRPO (`ppo.reward_function`, `grpo.reward_function`).
 
 A reward function takes the prompts and the responses (decoded text, without the closing EOD) and
 returns one float per response. Built-in names: `digit_fraction` (share of the response's
@@ -9,6 +9,7 @@ imported as `module:function`.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -49,6 +50,13 @@ def resolve_reward_function(name: str, key: str = "ppo.reward_function") -> Rewa
         raise LmforgeError(f"{key} = {name!r}: cannot import it ({err})") from None
     if not callable(function):
         raise LmforgeError(f"{key} = {name!r}: not a function")
+    try:
+        inspect.signature(function).bind(["prompt"], ["response"])
+    except TypeError as err:
+        raise LmforgeError(f"{key} = {name!r}: must take (prompts, responses) and return one float per response "
+                           f"({err})") from None
+    except ValueError:  # no signature to inspect (a C function): it is called as it is
+        pass
     return function
 
 

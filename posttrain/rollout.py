@@ -48,6 +48,11 @@ class Samples:
         return [row[self.prompt_width - n : self.prompt_width] for row, n in zip(self.sequences.tolist(), self.prompt_lengths.tolist())]
 
 
+def rollout_generator(seed: int, step: int, rank: int, salt: int) -> torch.Generator:
+    """The CPU generator of one rank's sampling (salt 0) or minibatch order (salt 1 + epoch) at `step`: resumes reproduce it."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729 + salt) % 2**63)
+
+
 def everyone_done(done: torch.Tensor) -> bool:
     """True when every rank's rows are finished: ranks stop together (ZeRO-3 forwards are collective)."""
     return float(distributed.all_reduce_mean(done.all().float())) == 1.0
