@@ -4,7 +4,8 @@ Sections: `run`, `train` and `deepspeed` are pretraining's own (pretrain.config)
 DeepSpeed JSONs and the same merge (`pretrain.ds_config.build_deepspeed_config`) apply; `model` is
 pretraining's ModelConfig, used only for a model built from scratch; with `init.from_run` it comes
 from that run's config.yaml. `init` says where the weights and the tokenizer come from, `data`
-which JSONL files are read, `ppo`, `dpo` and `grpo` hold what only those verbs use.
+which JSONL files are read, `ppo`, `dpo` and `grpo` hold what only those verbs use, `lora` the
+adapters of a LoRA fine-tune.
 """
 from __future__ import annotations
 
@@ -129,6 +130,35 @@ class DPOConfig:
         return found
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank r (Hu et al. 2021) of the adapters added to target_modules; 0: no LoRA, every weight trains (sft only so far)."""
+    alpha: float = 16.0
+    """Adapter scale numerator: the update is (alpha / rank)·B·A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Linear layers of every block that get adapters: any of q_proj, k_proj, v_proj, o_proj, gate_proj (llama), up_proj, down_proj."""
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.rank < 0:
+            found.append(f"lora.rank = {self.rank}: must not be negative (0 turns LoRA off)")
+        if not self.alpha > 0:
+            found.append(f"lora.alpha = {self.alpha}: must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            found.append(f"lora.dropout = {self.dropout}: must be in [0, 1)")
+        if unknown := [m for m in self.target_modules if m not in LORA_TARGETS]:
+            found.append(f"lora.target_modules: unknown {', '.join(unknown)}; expected some of {', '.join(LORA_TARGETS)}")
+        if not self.target_modules:
+            found.append("lora.target_modules: expected at least one module")
+        return found
+
+
 @dataclass(frozen=True)
 class GRPOConfig:
     reward_function: str | None = "python_syntax"
@@ -183,6 +213,7 @@ class PosttrainConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def problems(self) -> list[str]:
         found = []
