@@ -21,6 +21,12 @@ from pretrain.model import KVCache, ModelConfig
 from pretrain.sampling import filter_logits
 
 
+def left_padding_mask(width: int, prompt_width: int, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """[B, width], true from each row's first real prompt token on (prompts right-aligned in prompt_width)."""
+    columns = torch.arange(width, device=prompt_lengths.device)[None, :]
+    return columns >= (prompt_width - prompt_lengths)[:, None]
+
+
 @dataclass(frozen=True)
 class Samples:
     """sequences [B, P + R]; the prompt block is P wide; lengths [B] response ids (EOD included)."""
@@ -38,8 +44,7 @@ class Samples:
     @property
     def attention_mask(self) -> torch.Tensor:
         """[B, P + R], false at the left padding of each prompt."""
-        columns = torch.arange(self.sequences.shape[1], device=self.sequences.device)[None, :]
-        return columns >= (self.prompt_width - self.prompt_lengths)[:, None]
+        return left_padding_mask(self.sequences.shape[1], self.prompt_width, self.prompt_lengths)
 
     def responses(self) -> list[list[int]]:
         return [row[self.prompt_width : self.prompt_width + n] for row, n in zip(self.sequences.tolist(), self.lengths.tolist())]
@@ -68,7 +73,7 @@ def sample(model, config: ModelConfig, prompts: list[list[int]], max_new_tokens:
     for i, p in enumerate(prompts):
         sequences[i, :width] = torch.tensor([eod_id] * (width - len(p)) + p, dtype=torch.long)
     prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
-    mask = Samples(sequences, width, prompt_lengths, prompt_lengths).attention_mask
+    mask = left_padding_mask(width + max_new_tokens, width, prompt_lengths)
     cache = KVCache(config, batch, width + max_new_tokens, device, dtype)
     logits = model(sequences[:, :width], cache=cache, attention_mask=mask[:, :width])[:, -1]
     done = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -252,12 +252,12 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def _rope(self, positions: torch.Tensor):
+    def _rope(self, start: int, length: int, positions: torch.Tensor | None = None):
         if self.pos_embed is not None:
             return None
-        if positions.dim() == 1:
-            return self.rope_cos[positions], self.rope_sin[positions]
-        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        if positions is None:
+            return self.rope_cos[start : start + length], self.rope_sin[start : start + length]
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # per-row positions [B, 1, T, D]
 
     def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -268,7 +268,7 @@ class Transformer(nn.Module):
         """
         start = cache.length if cache is not None else 0
         T = tokens.shape[1]
-        positions, mask = torch.arange(start, start + T, device=tokens.device), None
+        positions, mask = None, None
         if attention_mask is not None:
             real = attention_mask.bool()
             positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start : start + T]
@@ -278,9 +278,9 @@ class Transformer(nn.Module):
             mask = ((keys <= queries) & (real[:, None, :] | (keys == queries)))[:, None]  # [B, 1, T, keys]
         x = self.embed(tokens)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
+            x = x + self.pos_embed(torch.arange(start, start + T, device=tokens.device) if positions is None else positions)
         x = self.drop(x)
-        rope = self._rope(positions)
+        rope = self._rope(start, T, positions)
         for block in self.blocks:
             x = block(x, rope, cache, mask)
         if cache is not None:
