@@ -11,7 +11,7 @@ from posttrain.config import LoraConfig
 from posttrain.lora import add_lora
 from pretrain.lora_weights import merge_lora
 from pretrain.model import ModelConfig, Transformer
-from tests.posttrain.runs import run_ok, tiny_model_sets, write_jsonl
+from tests.posttrain.runs import read_metrics, run_verb, tiny_model_sets, write_jsonl
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -32,7 +32,7 @@ def test_merged_lora_weights_give_the_adapted_models_logits(arch):
 
 
 @pytest.mark.slow
-def test_lora_sft_trains_only_the_adapters_and_exports_merged_weights(tiny_corpus_shards, tmp_path):
+def test_lora_sft_on_two_zero3_ranks_trains_only_the_adapters_and_exports_merged_weights(tiny_corpus_shards, tmp_path):
     from run_tools import export_hf
     from lmforge.errors import run_cli
     from posttrain.job import starting_state
@@ -43,9 +43,13 @@ def test_lora_sft_trains_only_the_adapters_and_exports_merged_weights(tiny_corpu
     sets = {**tiny_model_sets(tiny_corpus_shards.tokenizer_dir, tmp_path / "sft"), "train.max_steps": 8,
             "data.train": write_jsonl(tmp_path / "sft.jsonl", sft_examples(64, seed=0)), "data.valid_fraction": 0,
             "train.lr": 1e-2, "train.min_lr": 1e-2, "train.warmup_steps": 1, "train.save_interval": 4,
-            "deepspeed.config": "ds_configs/zero2.json",  # consolidated through zero_to_fp32, frozen weights included
+            "train.micro_batch_size": 4, "deepspeed.config": "ds_configs/zero3.json",  # frozen weights partitioned too
             "lora.rank": 4, "lora.alpha": 8, "lora.target_modules": "[q_proj, v_proj, up_proj, down_proj]"}
-    records = run_ok("sft", sets)
+    result = run_verb("sft", sets, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # per block: q 4·32 + 32·4, v 4·32 + 16·4, up 4·32 + 128·4, down 4·128 + 32·4 = 1,728; two blocks
+    assert "sft: LoRA: 3,456 trainable of " in result.stdout and "gradient + Adam state 0.04 MiB" in result.stdout
+    records = read_metrics(tmp_path / "sft")
     assert records[-1]["loss"] < records[0]["loss"] - 0.1, [r["loss"] for r in records]
     step4, _ = starting_state(tmp_path / "sft", "step_00000004")
     step8, _ = starting_state(tmp_path / "sft", "step_00000008")
