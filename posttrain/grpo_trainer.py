@@ -12,6 +12,7 @@ from posttrain.frozen_models import build_frozen, weight_dtype
 from posttrain.grpo_job import GRPOJob
 from posttrain.job import build_initial, save_run_files
 from posttrain.loop import mean_over_ranks, resume
+from posttrain.lora import add_lora, describe_trainable
 from posttrain.losses import group_advantages, grpo_loss
 from posttrain.rollout import Samples, policy_logprobs, rollout_generator, sample
 from posttrain.scoring import Scorer
@@ -28,7 +29,12 @@ class GRPOTrainer:
         g, train = cfg.grpo, cfg.train
         self.tokenizer = self.job.tokenizer
         self.dtype = weight_dtype(self.job.ds_config)
-        self.actor = build_engine(build_initial(cfg, Transformer), self.job.ds_config, train.weight_decay, train.compile)
+        policy = build_initial(cfg, Transformer)
+        if cfg.lora.rank:
+            policy = add_lora(policy, cfg.lora)
+            if distributed.is_main():
+                print(f"grpo: {describe_trainable(policy)}", flush=True)
+        self.actor = build_engine(policy, self.job.ds_config, train.weight_decay, train.compile)
         self.reference = None
         if g.kl_coef > 0:
             self.reference = build_frozen(build_initial(cfg, Transformer), self.job.ds_config, g.frozen_models, info.device)

@@ -9,7 +9,8 @@ import torch
 from lmforge.errors import LmforgeError
 from posttrain.config import LoraConfig, PosttrainConfig
 
-LORA_VERBS = ("sft",)
+LORA_VERBS = ("sft", "dpo", "grpo")
+"""Verbs whose trained language model takes adapters (the reward model's head and PPO's critic would need more)."""
 
 
 def check_lora(config: PosttrainConfig, verb: str) -> None:

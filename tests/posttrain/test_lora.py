@@ -76,9 +76,31 @@ def test_lora_is_refused_in_one_line_for_verbs_that_do_not_train_with_it_yet():
     from posttrain.config import load_posttrain_config
     from posttrain.lora import check_lora
 
-    config = load_posttrain_config("dpo", ["lora.rank=8"])
-    check_lora(config, "sft")
-    with pytest.raises(LmforgeError, match=r"^lora.rank = 8: LoRA is supported by sft only so far; set lora.rank=0 for dpo$"):
-        check_lora(config, "dpo")
+    config = load_posttrain_config("ppo", ["lora.rank=8"])
+    for verb in ("sft", "dpo", "grpo"):
+        check_lora(config, verb)
+    with pytest.raises(LmforgeError, match=r"^lora.rank = 8: LoRA is supported by sft, dpo, grpo only so far; set lora.rank=0 for ppo$"):
+        check_lora(config, "ppo")
     with pytest.raises(LmforgeError, match="lora.target_modules: unknown qkv"):
         load_posttrain_config("sft", ["lora.target_modules=[qkv]"])
+
+
+@pytest.mark.slow
+def test_lora_dpo_and_grpo_train_adapters_only(tiny_corpus_shards, tmp_path):
+    from posttrain.job import starting_state
+    from tests.posttrain.synthetic import prompts, separable_pairs
+    from tests.posttrain.test_grpo import grpo_sets
+
+    tokenizer = tiny_corpus_shards.tokenizer_dir
+    lora = {"lora.rank": 4, "lora.alpha": 8}
+    dpo = {**tiny_model_sets(tokenizer, tmp_path / "dpo"), "data.train": write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(32, 0)),
+           "data.valid_fraction": 0, "train.max_steps": 4, "train.lr": 1e-2, "train.min_lr": 1e-2, "train.warmup_steps": 1, **lora}
+    grpo = grpo_sets(tokenizer, tmp_path / "grpo", write_jsonl(tmp_path / "prompts.jsonl", prompts(16, 0)),
+                     **{"train.max_steps": 2, "grpo.epochs": 1, **lora})
+    for verb, sets in (("dpo", dpo), ("grpo", grpo)):
+        result = run_verb(verb, sets)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"{verb}: LoRA: 1,792 trainable of " in result.stdout  # q 256, k 192, v 192, o 256 per block at rank 4
+        trained, _ = starting_state(sets["run.dir"], None)  # merged: the plain model's names
+        assert "blocks.0.attn.q_proj.weight" in trained and not any("lora" in k for k in trained)
+        assert read_metrics(sets["run.dir"])[-1]["step"] == sets["train.max_steps"]
