@@ -40,7 +40,7 @@ class PosttrainDataConfig:
     max_prompt_len: int = 128
     """Prompt tokens kept (the oldest are cut first); the response fills the rest of train.seq_len."""
     packing: bool = False
-    """SFT: pack several examples into each train.seq_len row instead of padding one per row."""
+    """SFT: pack several examples into each train.seq_len row instead of padding one per row (each attends only within itself)."""
 
     def problems(self) -> list[str]:
         found = []

@@ -219,7 +219,8 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """forward(tokens[B, T], targets[B, T] | None) -> mean loss (with targets) or logits [B, T, V].
 
-    attention_mask (optional, [B, T] or [B, cache length + T], true at real tokens) makes padding inert.
+    attention_mask (optional, [B, T] or [B, cache length + T], true at real tokens) makes padding inert;
+    segment_ids (optional, [B, T]) keeps packed examples apart.
     """
 
     def __init__(self, config: ModelConfig):
@@ -260,15 +261,24 @@ class Transformer(nn.Module):
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # per-row positions [B, 1, T, D]
 
     def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, d_model] (the input of the LM head and of value/reward heads).
 
         attention_mask [B, cache length + T], true at real tokens: padding is never attended to and
         positions count real tokens only, so a left-padded row computes what it would unpadded.
+        segment_ids [B, T] (no cache): packed examples, each a run of one id, attend only within
+        themselves and their positions restart, so a packed row computes what each example would alone.
         """
         start = cache.length if cache is not None else 0
         T = tokens.shape[1]
         positions, mask = None, None
+        if segment_ids is not None:
+            index = torch.arange(T, device=tokens.device)
+            first = torch.ones_like(segment_ids[:, :1], dtype=torch.bool)
+            begins = torch.cat([first, segment_ids[:, 1:] != segment_ids[:, :-1]], dim=1)
+            positions = index - torch.where(begins, index, 0).cummax(-1).values
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]
+            mask = ((index[None, :] <= index[:, None]) & same)[:, None]  # [B, 1, T, T]
         if attention_mask is not None:
             real = attention_mask.bool()
             positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start : start + T]
@@ -292,8 +302,8 @@ class Transformer(nn.Module):
         return self.lm_head(hidden)[..., : self.config.vocab_size]
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None):
-        hidden = self.hidden_states(tokens, cache, attention_mask)
+                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None):
+        hidden = self.hidden_states(tokens, cache, attention_mask, segment_ids)
         if targets is None:
             return self.logits(hidden)
         return token_cross_entropy(self.lm_head(hidden), targets).mean()

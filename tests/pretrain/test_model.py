@@ -143,3 +143,19 @@ def test_left_padded_generation_with_the_kv_cache_matches_each_prompt_alone(arch
     for i, row in enumerate(rows):
         full = model(torch.tensor([row + [int(batched[i, 0])]]))[0, -1]
         assert torch.allclose(step[i, -1], full, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_examples_with_segment_ids_give_each_examples_own_logits(arch):
+    torch.manual_seed(6)
+    model = Transformer(tiny(arch)).eval()
+    examples = [torch.randint(0, 100, (n,)).tolist() for n in (5, 3, 6)]
+    packed = torch.tensor([sum(examples, [])])
+    segments = torch.tensor([[i for i, e in enumerate(examples) for _ in e]])
+    logits = model(packed, segment_ids=segments)[0]
+    start = 0
+    for example in examples:
+        alone = model(torch.tensor([example]))[0]
+        assert torch.allclose(logits[start : start + len(example)], alone, atol=1e-5)
+        start += len(example)
+    assert not torch.allclose(model(packed)[0, 5:8], model(torch.tensor([examples[1]]))[0], atol=1e-3)
