@@ -2,7 +2,7 @@
 
 VERBS is the registry of verbs: verb -> (module, summary). The folder of each module is the stage
 that does the work (README.md's layout table): data_prep/ (prep), pretrain/ (train), posttrain/
-(sft, reward, ppo, dpo), run_tools/ (eval, generate, plot, export-hf, import-hf), launch/ (preflight).
+(sft, reward, ppo, dpo, grpo), run_tools/ (eval, generate, plot, export-hf, import-hf), launch/ (preflight).
 Modules are named as strings and imported lazily (importlib) so `lmforge --help` is instant and a
 verb's heavy imports (torch, deepspeed) happen only when it runs; because they are strings, lmforge/,
 the lowest layer of the import order (.importlinter), does not import the stages above it. Each
@@ -29,6 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "reward": ("posttrain.reward_model", "train a reward model on preference pairs"),
     "ppo": ("posttrain.ppo", "RLHF with PPO against a reward model"),
     "dpo": ("posttrain.dpo", "direct preference optimisation against a frozen reference"),
+    "grpo": ("posttrain.grpo", "GRPO: group-relative policy optimisation with verifiable rewards (no critic)"),
 }
 
 

@@ -82,20 +82,30 @@ def lm_inputs_and_targets(rows: Sequence[Rendered], pad_id: int) -> tuple[torch.
 def pack(rows: Sequence[Rendered], seq_len: int) -> list[Rendered]:
     """Greedy packing in order: each row takes whole examples while they fit in seq_len ids.
 
-    Attention runs across the packed examples, as in pretraining; each starts with EOD, the
-    document boundary the model learned to attend past.
+    Each packed row keeps its examples' boundaries (Rendered.segments): the model attends only
+    within an example and restarts its positions there, so packing changes speed, not what is learned.
     """
     packed: list[Rendered] = []
     ids: list[int] = []
     learned: list[bool] = []
+    segments: list[int] = []
     for row in rows:
         if ids and len(ids) + len(row) > seq_len:
-            packed.append(Rendered(ids, learned))
-            ids, learned = [], []
+            packed.append(Rendered(ids, learned, segments))
+            ids, learned, segments = [], [], []
+        n = len(row.ids[:seq_len])
         ids, learned = ids + row.ids[:seq_len], learned + row.learned[:seq_len]
+        segments = segments + [(segments[-1] + 1) if segments else 1] * n
     if ids:
-        packed.append(Rendered(ids, learned))
+        packed.append(Rendered(ids, learned, segments))
     return packed
+
+
+def segment_inputs(rows: Sequence[Rendered]) -> torch.Tensor | None:
+    """segment_ids [B, L-1] for the inputs of packed rows (padding is segment 0), None when no row is packed."""
+    if all(r.segments is None for r in rows):
+        return None
+    return pad_rows([r.segments if r.segments is not None else [1] * len(r.ids) for r in rows], 0)[:, :-1]
 
 
 @dataclass(frozen=True)

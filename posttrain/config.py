@@ -1,10 +1,11 @@
-"""The post-training job config (`lmforge sft|reward|ppo|dpo`): typed sections from `configs/posttrain/*.yaml`.
+"""The post-training job config (`lmforge sft|reward|ppo|dpo|grpo`): typed sections from `configs/posttrain/*.yaml`.
 
 Sections: `run`, `train` and `deepspeed` are pretraining's own (pretrain.config), so the same
 DeepSpeed JSONs and the same merge (`pretrain.ds_config.build_deepspeed_config`) apply; `model` is
 pretraining's ModelConfig, used only for a model built from scratch; with `init.from_run` it comes
 from that run's config.yaml. `init` says where the weights and the tokenizer come from, `data`
-which JSONL files are read, `ppo` and `dpo` hold what only those verbs use.
+which JSONL files are read, `ppo`, `dpo` and `grpo` hold what only those verbs use, `lora` the
+adapters of a LoRA fine-tune.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class PosttrainDataConfig:
     max_prompt_len: int = 128
     """Prompt tokens kept (the oldest are cut first); the response fills the rest of train.seq_len."""
     packing: bool = False
-    """SFT: pack several examples into each train.seq_len row instead of padding one per row."""
+    """SFT: pack several examples into each train.seq_len row instead of padding one per row (each attends only within itself)."""
 
     def problems(self) -> list[str]:
         found = []
@@ -129,6 +130,78 @@ class DPOConfig:
         return found
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank r (Hu et al. 2021) of the adapters added to target_modules; 0: no LoRA, every weight trains (sft only so far)."""
+    alpha: float = 16.0
+    """Adapter scale numerator: the update is (alpha / rank)·B·A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Linear layers of every block that get adapters: any of q_proj, k_proj, v_proj, o_proj, gate_proj (llama), up_proj, down_proj."""
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.rank < 0:
+            found.append(f"lora.rank = {self.rank}: must not be negative (0 turns LoRA off)")
+        if not self.alpha > 0:
+            found.append(f"lora.alpha = {self.alpha}: must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            found.append(f"lora.dropout = {self.dropout}: must be in [0, 1)")
+        if unknown := [m for m in self.target_modules if m not in LORA_TARGETS]:
+            found.append(f"lora.target_modules: unknown {', '.join(unknown)}; expected some of {', '.join(LORA_TARGETS)}")
+        if not self.target_modules:
+            found.append("lora.target_modules: expected at least one module")
+        return found
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    reward_function: str | None = "python_syntax"
+    """The verifiable reward: a name in posttrain.reward_functions (digit_fraction, python_syntax) or module:function(prompts, responses) -> floats."""
+    reward_run: Path | None = None
+    """A reward-model run directory (`lmforge reward`) instead (set reward_function to null)."""
+    group_size: int = 8
+    """Responses sampled per prompt; advantages are relative to the group's rewards."""
+    prompts_per_rank: int = 4
+    """Prompts per rank per iteration (train.max_steps counts iterations): prompts_per_rank × group_size rollouts."""
+    max_new_tokens: int = 64
+    """Response tokens sampled per prompt (fewer where EOD comes first)."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts; log-probabilities use the same temperature."""
+    top_k: int = 0
+    """Sample only from the k likeliest tokens (0: all)."""
+    epochs: int = 1
+    """Updates per rollout batch: passes over it in train.micro_batch_size × train.grad_accum_steps minibatches (1 is on-policy)."""
+    clip_range: float = 0.2
+    """Policy ratio clip ε (acts from the second minibatch update of a batch on)."""
+    kl_coef: float = 0.04
+    """β of the k3 KL term to the frozen reference (DeepSeekMath's 0.04); 0 drops the reference."""
+    scale_rewards: bool = True
+    """Divide each group's centred rewards by its std + 1e-4 (GRPO); false: Dr. GRPO's unscaled advantages."""
+    frozen_models: Literal["auto", "plain", "zero3"] = "auto"
+    """Reference and reward model: plain modules, or ZeRO-3 inference engines; auto: zero3 when training with ZeRO-3."""
+
+    def problems(self) -> list[str]:
+        found = []
+        for key in ("prompts_per_rank", "max_new_tokens", "epochs"):
+            if getattr(self, key) < 1:
+                found.append(f"grpo.{key} = {getattr(self, key)}: must be at least 1")
+        if self.group_size < 2:
+            found.append(f"grpo.group_size = {self.group_size}: must be at least 2 (advantages compare responses to one prompt)")
+        for key in ("clip_range", "temperature"):
+            if not getattr(self, key) > 0:
+                found.append(f"grpo.{key} = {getattr(self, key)}: must be positive")
+        for key in ("kl_coef", "top_k"):
+            if getattr(self, key) < 0:
+                found.append(f"grpo.{key} = {getattr(self, key)}: must not be negative")
+        return found
+
+
 @dataclass(frozen=True)
 class PosttrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
@@ -139,6 +212,8 @@ class PosttrainConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def problems(self) -> list[str]:
         found = []

@@ -6,9 +6,10 @@ A verifiable preference from the default corpus (the Python standard library):
    its held-out valid split (for measuring);
 3. pairs: completions sampled from the pretrained model, a completion that keeps the program valid
    Python (posttrain.pysyntax, `ast.parse`) preferred over one that does not;
-4. `lmforge reward` on the pairs, `lmforge ppo` against that reward model, `lmforge dpo` on the pairs;
-5. the valid rate of completions of the held-out prompts, before (pretrained) and after (PPO, DPO),
-   same sampling settings and seed: WORK/results.json and a table on stdout.
+4. `lmforge reward` on the pairs, `lmforge ppo` against that reward model, `lmforge dpo` on the pairs,
+   `lmforge grpo` with the rule itself (python_syntax) as its verifiable reward (--methods picks);
+5. the valid rate of completions of the held-out prompts, before (pretrained) and after (PPO, DPO,
+   GRPO), same sampling settings and seed: WORK/results.json and a table on stdout.
 
 Each step is skipped when its output exists, so a rerun continues where it stopped.
 """
@@ -30,7 +31,8 @@ from lmforge.run_layout import CHECKPOINTS_DIR, LATEST_FILE, TOKENIZER_COPY, con
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLING = {"max_new_tokens": 32, "temperature": 0.8, "max_prompt_len": 96}
-"""One sampling setting for the pairs, PPO's rollouts and the before/after measurement."""
+"""One sampling setting for the pairs, PPO's and GRPO's rollouts and the before/after measurement."""
+METHODS = ("ppo", "dpo", "grpo")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -42,8 +44,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-prompts", type=int, default=768, help="prompts sampled for pairs and PPO (default: 768)")
     parser.add_argument("--eval-prompts", type=int, default=256, help="held-out prompts measured (default: 256)")
     parser.add_argument("--samples", type=int, default=4, help="completions per prompt (default: 4)")
+    parser.add_argument("--methods", default="ppo,dpo,grpo",
+                        help="comma-separated alignment methods to run and measure (default: ppo,dpo,grpo)")
+    parser.add_argument("--grpo-steps", type=int, default=None, help="GRPO iterations (default: demo-grpo.yaml's)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if unknown := sorted(set(args.methods) - set(METHODS)):
+        parser.error(f"--methods: unknown {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
+    return args
 
 
 def lmforge(*args: str) -> None:
@@ -126,28 +135,35 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / CHECKPOINTS_DIR / LATEST_FILE).is_file()
 
 
-def align(work: Path, pretrained: Path) -> None:
+def align(work: Path, pretrained: Path, methods: Sequence[str], grpo_steps: int | None = None) -> None:
     data = work / "data"
-    if not finished(work / "reward"):
+    if "ppo" in methods and not finished(work / "reward"):
         lmforge("reward", "--config", "demo-reward", *sets(init__from_run=pretrained, run__dir=work / "reward",
                                                              data__train=data / "preferences.jsonl"))
-    if not finished(work / "ppo"):
+    if "ppo" in methods and not finished(work / "ppo"):
         lmforge("ppo", "--config", "demo-ppo", *sets(init__from_run=pretrained, run__dir=work / "ppo",
                                                        ppo__reward_run=work / "reward", data__train=data / "prompts.jsonl",
                                                        ppo__max_new_tokens=SAMPLING["max_new_tokens"],
                                                        ppo__temperature=SAMPLING["temperature"]))
-    if not finished(work / "dpo"):
+    if "dpo" in methods and not finished(work / "dpo"):
         lmforge("dpo", "--config", "demo-dpo", *sets(init__from_run=pretrained, run__dir=work / "dpo",
                                                        data__train=data / "preferences.jsonl"))
+    if "grpo" in methods and not finished(work / "grpo"):
+        steps = {} if grpo_steps is None else {"train__max_steps": grpo_steps}
+        lmforge("grpo", "--config", "demo-grpo", *sets(init__from_run=pretrained, run__dir=work / "grpo",
+                                                         data__train=data / "prompts.jsonl",
+                                                         grpo__max_new_tokens=SAMPLING["max_new_tokens"],
+                                                         grpo__temperature=SAMPLING["temperature"], **steps))
 
 
 def measure(work: Path, pretrained: Path, args: argparse.Namespace) -> dict:
+    """Valid rate of the held-out prompts' completions for the pretrained model and each method's run."""
     from posttrain.demo_data import complete, validity
     from posttrain.formats import iter_jsonl
 
     prompts = [r["prompt"] for r in iter_jsonl(work / "data" / "eval_prompts.jsonl")]
     results = {}
-    for name, run_dir in (("pretrained", pretrained), ("ppo", work / "ppo"), ("dpo", work / "dpo")):
+    for name, run_dir in (("pretrained", pretrained), *((m, work / m) for m in args.methods)):
         model, tokenizer = load_model(run_dir)
         completions = complete(model, tokenizer, prompts, args.samples, SAMPLING["max_new_tokens"],
                                SAMPLING["temperature"], args.seed + 1, SAMPLING["max_prompt_len"])
@@ -158,6 +174,8 @@ def measure(work: Path, pretrained: Path, args: argparse.Namespace) -> dict:
 def reward_accuracy(work: Path) -> dict:
     from pretrain.metrics import read_metrics
 
+    if not (work / "reward").is_dir():
+        return {}
     evals = [r for r in read_metrics(work / "reward") if "val_accuracy" in r]
     return {"val_accuracy": evals[-1]["val_accuracy"], "val_margin": evals[-1]["val_margin"]} if evals else {}
 
@@ -172,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"data: {stats['pairs']} preference pairs from {stats['train_prompts']} prompts "
           f"(pretrained valid rate there {stats['pretrained_on_train_prompts']['valid_rate']:.3f}); "
           f"{stats['eval_prompts']} held-out prompts", flush=True)
-    align(work, pretrained)
+    align(work, pretrained, args.methods, args.grpo_steps)
     results = measure(work, pretrained, args)
     summary = {"sampling": SAMPLING, "samples_per_prompt": args.samples, "data": stats,
                "reward_model": reward_accuracy(work), "held_out": results,

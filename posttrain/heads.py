@@ -27,8 +27,8 @@ class ScalarHeadModel(nn.Module):
     def config(self) -> ModelConfig:
         return self.lm.config
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.lm.hidden_states(tokens)).squeeze(-1).float()
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.lm.hidden_states(tokens, attention_mask=attention_mask)).squeeze(-1).float()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

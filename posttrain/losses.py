@@ -2,7 +2,9 @@
 
 SFT: cross-entropy on learned tokens only. Reward model: Bradley–Terry. DPO: Rafailov et al. 2023.
 PPO: per-token KL-penalised rewards, GAE, clipped policy and value losses (Schulman et al. 2017;
-Ouyang et al. 2022), with the adaptive KL coefficient of Ziegler et al. 2019.
+Ouyang et al. 2022), with the adaptive KL coefficient of Ziegler et al. 2019. GRPO: group-relative
+advantages and the clipped loss with a k3 KL term (Shao et al. 2024, DeepSeekMath; Dr. GRPO's
+unscaled advantages, Liu et al. 2025).
 """
 from __future__ import annotations
 
@@ -150,3 +152,36 @@ class RunningMoments:
 
     def load(self, state: dict[str, float]) -> None:
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantage of each response [N]: its reward minus its group's mean, divided by the group's
+    std (unbiased) + eps when `scale` (Dr. GRPO: scale=False). Groups are consecutive runs of group_size."""
+    groups = rewards.float().view(-1, group_size)
+    centred = groups - groups.mean(-1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(-1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(π‖π_ref) from samples of π: exp(r) - r - 1 with r = log π_ref - log π (>= 0, unbiased)."""
+    log_ratio = ref_logp - logp
+    return log_ratio.exp() - log_ratio - 1
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, clip: float, kl_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's objective to minimise: per token -min(ρA, clip(ρ, 1±ε)A) + β·k3, averaged over each response's
+    tokens, then over responses (DeepSeekMath eq. 3). logp/old_logp/ref_logp/mask [B, R]; advantages [B]."""
+    ratio = (logp - old_logp).exp()
+    a = advantages[:, None]
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1.0 - clip, 1.0 + clip) * a)
+    kl = k3_kl(logp, ref_logp)
+    per_token = -surrogate + kl_coef * kl
+    m = mask.float()
+    lengths = m.sum(-1).clamp(min=1)
+    loss = ((per_token * m).sum(-1) / lengths).mean()
+    stats = {"kl": ((kl * m).sum(-1) / lengths).mean().detach(),
+             "clip_fraction": masked_mean(((ratio - 1).abs() > clip).float(), mask).detach()}
+    return loss, stats

@@ -10,7 +10,7 @@ from lmforge.errors import LmforgeError
 from posttrain.batches import ExampleOrder
 from posttrain.frozen_models import build_frozen, weight_dtype
 from posttrain.heads import ScalarHeadModel
-from posttrain.job import build_initial, load_weights, save_run_files, starting_state
+from posttrain.job import build_initial, save_run_files
 from posttrain.loop import mean_over_ranks
 from posttrain.losses import (KLController, RunningMoments, clipped_policy_loss, clipped_value_loss,
                               entropy_from_logits, masked_mean, token_logprobs)
@@ -18,7 +18,8 @@ from lmforge import distributed
 from lmforge.run_layout import CRITIC_DIR
 from posttrain.ppo_job import PPOJob
 from posttrain.reward_functions import call_reward_function, resolve_reward_function
-from posttrain.rollout import Experience, Samples, experience_stats, make_experience, response_slice, sample, score_with_model
+from posttrain.rollout import Experience, experience_stats, make_experience, response_slice, rollout_generator, sample
+from posttrain.scoring import Scorer, decode, reward_module
 from pretrain import checkpoint
 from pretrain.engine import build_engine
 from pretrain.metrics import MetricsWriter, memory_gb
@@ -42,10 +43,8 @@ class PPOTrainer:
         self.reference = build_frozen(build_initial(cfg, Transformer), self.job.ds_config, cfg.ppo.frozen_models, info.device)
         self.critic = build_engine(self._critic_module(), ppo_job.critic_ds_config, train.weight_decay, train.compile,
                                    train.decay_embeddings)
-        self.reward_model = None
-        if cfg.ppo.reward_run is not None:
-            self.reward_model = build_frozen(self._reward_module(), self.job.ds_config, cfg.ppo.frozen_models, info.device)
-        self.reward_function = resolve_reward_function(cfg.ppo.reward_function) if cfg.ppo.reward_function else None
+        self.score = Scorer(self.tokenizer, info.device, cfg.ppo.reward_function, "ppo.reward_function",
+                            cfg.ppo.reward_run, ppo_job.reward_model_config, self.job.ds_config, cfg.ppo.frozen_models)
         self.monitor = resolve_reward_function(cfg.ppo.monitor_function, "ppo.monitor_function") if cfg.ppo.monitor_function else None
         self.kl = KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.moments = RunningMoments(_sum_over_ranks)
@@ -53,17 +52,10 @@ class PPOTrainer:
         self.step = 0
         self._resume()
 
-    def _reward_module(self) -> ScalarHeadModel:
-        run = self.config.ppo.reward_run
-        module = ScalarHeadModel(self.ppo_job.reward_model_config)
-        state, tag = starting_state(run, None)
-        load_weights(module, state, str(checkpoint.checkpoints_dir(run) / tag))
-        return module
-
     def _critic_module(self) -> ScalarHeadModel:
         source = self.config.ppo.critic_from
         if source == "reward" or (source == "auto" and self.config.ppo.reward_run is not None):
-            return self._reward_module()
+            return reward_module(self.config.ppo.reward_run, self.ppo_job.reward_model_config)
         return build_initial(self.config, ScalarHeadModel)
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -74,7 +66,7 @@ class PPOTrainer:
     def save(self) -> None:
         run_dir, keep = self.config.run.dir, self.config.train.keep_last
         checkpoint.save(self.critic, run_dir / CRITIC_DIR, self.step, self._client_state(), keep)
-        checkpoint.save(self.actor, run_dir, self.step, self._client_state(), keep)  # `latest` last: both are there
+        checkpoint.save(self.actor, run_dir, self.step, self._client_state(), keep, {"verb": "ppo"})  # `latest` last: both are there
 
     def _resume(self) -> None:
         from posttrain.loop import resume
@@ -91,17 +83,6 @@ class PPOTrainer:
             self.moments.load(state["moments"])
 
     # ---- rollouts ----------------------------------------------------------------------------
-    def _texts(self, samples: Samples) -> tuple[list[str], list[str]]:
-        eod = self.tokenizer.eod_id
-        prompts = [self.tokenizer.decode(p) for p in samples.prompts()]
-        responses = [self.tokenizer.decode(r[:-1] if r and r[-1] == eod else r) for r in samples.responses()]
-        return prompts, responses
-
-    def _score(self, samples: Samples) -> torch.Tensor:
-        if self.reward_model is not None:
-            return score_with_model(self.reward_model, samples, self.tokenizer.eod_id, self.tokenizer.pad_id)
-        return call_reward_function(self.reward_function, *self._texts(samples), self.info.device)
-
     def _normalise(self, scores: torch.Tensor) -> torch.Tensor:
         ppo = self.config.ppo
         if ppo.whiten_rewards:
@@ -110,8 +91,7 @@ class PPOTrainer:
         return scores.clamp(-ppo.reward_clip, ppo.reward_clip) if ppo.reward_clip > 0 else scores
 
     def _generator(self, salt: int) -> torch.Generator:
-        seed = (self.config.train.seed * 1_000_003 + self.step * 7919 + self.info.rank * 104_729 + salt) % 2**63
-        return torch.Generator().manual_seed(seed)
+        return rollout_generator(self.config.train.seed, self.step, self.info.rank, salt)
 
     def rollout(self) -> Experience:
         ppo = self.config.ppo
@@ -120,7 +100,7 @@ class PPOTrainer:
         self.critic.eval()
         samples = sample(self.actor, self.config.model, prompts, ppo.max_new_tokens, ppo.temperature, ppo.top_k,
                          self.tokenizer.eod_id, self.tokenizer.pad_id, self._generator(0), self.info.device, self.dtype)
-        return make_experience(samples, self.actor, self.critic, self.reference, self._score, self._normalise,
+        return make_experience(samples, self.actor, self.critic, self.reference, self.score, self._normalise,
                                self.kl.coef, ppo.temperature, ppo.gamma, ppo.lam)
 
     # ---- updates -----------------------------------------------------------------------------
@@ -128,14 +108,14 @@ class PPOTrainer:
         ppo, train = self.config.ppo, self.config.train
         self.actor.train()
         self.critic.train()
-        seq, mask = exp.samples.sequences, exp.mask
+        seq, mask, attention = exp.samples.sequences, exp.mask, exp.samples.attention_mask
         sums: dict[str, torch.Tensor] = {}
         count = 0
         for epoch in range(ppo.epochs):
             order = torch.randperm(seq.shape[0], generator=self._generator(1 + epoch)).to(seq.device)
             for start in range(0, seq.shape[0], train.micro_batch_size):
                 idx = order[start : start + train.micro_batch_size]
-                logits = self.actor(seq[idx])
+                logits = self.actor(seq[idx], attention_mask=attention[idx])
                 logp = response_slice(token_logprobs(logits, seq[idx], ppo.temperature), exp.samples)
                 policy_loss, clip_fraction, approx_kl = clipped_policy_loss(
                     logp, exp.old_logprobs[idx], exp.advantages[idx], mask[idx], ppo.clip_range)
@@ -143,7 +123,7 @@ class PPOTrainer:
                                                      exp.samples), mask[idx])
                 self.actor.backward(policy_loss)
                 self.actor.step()
-                values = response_slice(self.critic(seq[idx])[:, :-1], exp.samples)
+                values = response_slice(self.critic(seq[idx], attention_mask=attention[idx])[:, :-1], exp.samples)
                 value_loss = clipped_value_loss(values, exp.old_values[idx], exp.returns[idx], mask[idx], ppo.value_clip_range)
                 self.critic.backward(value_loss)
                 self.critic.step()
@@ -171,7 +151,7 @@ class PPOTrainer:
             rollout_seconds = time.perf_counter() - clock
             stats = {**experience_stats(exp), **self.update(exp)}
             if self.monitor is not None:
-                prompts, responses = self._texts(exp.samples)
+                prompts, responses = decode(self.tokenizer, exp.samples)
                 stats["monitor"] = call_reward_function(self.monitor, prompts, responses, self.info.device).mean()
             record = mean_over_ranks(stats)
             kl_coef = self.kl.coef

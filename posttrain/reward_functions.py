@@ -1,4 +1,4 @@
-"""Programmatic rewards for PPO (`ppo.reward_function`) and scoring with a trained reward model.
+"""Programmatic rewards for PPO and GRPO (`ppo.reward_function`, `grpo.reward_function`).
 
 A reward function takes the prompts and the responses (decoded text, without the closing EOD) and
 returns one float per response. Built-in names: `digit_fraction` (share of the response's

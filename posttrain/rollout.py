@@ -1,9 +1,11 @@
 """PPO's experience: sample responses with the KV cache, then score them token by token.
 
-Prompts of different lengths share a batch by left-padding with EOD: the model has no attention
-mask, and pretraining (documents packed across EOD boundaries) taught it to read a fresh document
-after EOD whatever came before. Every sequence is [EOD-padded prompt | response | pad], the prompt
-block P ids wide; response token j sits at position P + j and is predicted at position P - 1 + j.
+Prompts of different lengths share a batch left-padded with EOD, and every forward passes
+Samples.attention_mask: padding is never attended to and positions start at each prompt's first
+real token, so a padded row computes exactly what it would alone. Every sequence is
+[EOD-padded prompt | response | pad], the prompt block P ids wide; response token j sits at
+position P + j and is predicted at position P - 1 + j. (Padding after a response is never read by
+the response's tokens: attention is causal.)
 """
 from __future__ import annotations
 
@@ -17,6 +19,12 @@ from posttrain.heads import last_token_scores
 from posttrain.losses import gae, masked_mean, masked_whiten, token_logprobs
 from pretrain.model import KVCache, ModelConfig
 from pretrain.sampling import filter_logits
+
+
+def left_padding_mask(width: int, prompt_width: int, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """[B, width], true from each row's first real prompt token on (prompts right-aligned in prompt_width)."""
+    columns = torch.arange(width, device=prompt_lengths.device)[None, :]
+    return columns >= (prompt_width - prompt_lengths)[:, None]
 
 
 @dataclass(frozen=True)
@@ -33,11 +41,21 @@ class Samples:
         width = self.sequences.shape[1] - self.prompt_width
         return torch.arange(width, device=self.sequences.device)[None, :] < self.lengths[:, None]
 
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """[B, P + R], false at the left padding of each prompt."""
+        return left_padding_mask(self.sequences.shape[1], self.prompt_width, self.prompt_lengths)
+
     def responses(self) -> list[list[int]]:
         return [row[self.prompt_width : self.prompt_width + n] for row, n in zip(self.sequences.tolist(), self.lengths.tolist())]
 
     def prompts(self) -> list[list[int]]:
         return [row[self.prompt_width - n : self.prompt_width] for row, n in zip(self.sequences.tolist(), self.prompt_lengths.tolist())]
+
+
+def rollout_generator(seed: int, step: int, rank: int, salt: int) -> torch.Generator:
+    """The CPU generator of one rank's sampling (salt 0) or minibatch order (salt 1 + epoch) at `step`: resumes reproduce it."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729 + salt) % 2**63)
 
 
 def everyone_done(done: torch.Tensor) -> bool:
@@ -54,8 +72,10 @@ def sample(model, config: ModelConfig, prompts: list[list[int]], max_new_tokens:
     sequences = torch.full((batch, width + max_new_tokens), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         sequences[i, :width] = torch.tensor([eod_id] * (width - len(p)) + p, dtype=torch.long)
+    prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+    mask = left_padding_mask(width + max_new_tokens, width, prompt_lengths)
     cache = KVCache(config, batch, width + max_new_tokens, device, dtype)
-    logits = model(sequences[:, :width], cache=cache)[:, -1]
+    logits = model(sequences[:, :width], cache=cache, attention_mask=mask[:, :width])[:, -1]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     steps = 0
@@ -69,8 +89,7 @@ def sample(model, config: ModelConfig, prompts: list[list[int]], max_new_tokens:
         steps = t + 1
         if t + 1 == max_new_tokens or everyone_done(done):
             break
-        logits = model(token[:, None], cache=cache)[:, -1]
-    prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+        logits = model(token[:, None], cache=cache, attention_mask=mask[:, : width + t + 1])[:, -1]
     return Samples(sequences[:, : width + steps], width, prompt_lengths, lengths)
 
 
@@ -114,16 +133,24 @@ def response_slice(per_position: torch.Tensor, samples: Samples) -> torch.Tensor
     return per_position[:, samples.prompt_width - 1 :]
 
 
+def policy_logprobs(model, samples: Samples, temperature: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """log π(response token) [B, R] of `model` (an engine or a module), optionally for some rows only."""
+    seq, attention = samples.sequences, samples.attention_mask
+    if rows is not None:
+        seq, attention = seq[rows], attention[rows]
+    return response_slice(token_logprobs(model(seq, attention_mask=attention), seq, temperature), samples)
+
+
 @torch.no_grad()
 def make_experience(samples: Samples, actor, critic, reference, score: Callable[[Samples], torch.Tensor],
                     normalise: Callable[[torch.Tensor], torch.Tensor], kl_coef: float, temperature: float,
                     gamma: float, lam: float) -> Experience:
     """Log-probabilities, values, KL-penalised per-token rewards, GAE advantages and returns."""
-    seq = samples.sequences
+    seq, attention = samples.sequences, samples.attention_mask
     mask = samples.response_mask
-    old_logprobs = response_slice(token_logprobs(actor(seq), seq, temperature), samples) * mask
-    ref_logprobs = response_slice(token_logprobs(reference(seq), seq, temperature), samples) * mask
-    old_values = response_slice(critic(seq)[:, :-1].float(), samples) * mask
+    old_logprobs = policy_logprobs(actor, samples, temperature) * mask
+    ref_logprobs = policy_logprobs(reference, samples, temperature) * mask
+    old_values = response_slice(critic(seq, attention_mask=attention)[:, :-1].float(), samples) * mask
     scores = score(samples)
     token_kl = (old_logprobs - ref_logprobs) * mask
     rewards = -kl_coef * token_kl

@@ -14,7 +14,7 @@ import torch
 
 from lmforge import distributed
 from lmforge.errors import LmforgeError, run_cli
-from posttrain.batches import EvalChunk, ExampleOrder, eval_chunks, lm_inputs_and_targets, pack
+from posttrain.batches import EvalChunk, ExampleOrder, eval_chunks, lm_inputs_and_targets, pack, segment_inputs
 from posttrain.formats import SFT_SHAPE, parse_sft, split_records
 from posttrain.job import Job
 from posttrain.losses import sft_loss
@@ -69,7 +69,12 @@ class SFTStep:
         t = self.job.config.train
         rows = self.order.micro_batch(step, micro, t.micro_batch_size, t.grad_accum_steps, self.info.rank, self.info.world_size)
         inputs, targets = self._tensors(rows)
-        loss = sft_loss(self.engine(inputs), targets)
+        segments = segment_inputs(rows)
+        if segments is None:
+            logits = self.engine(inputs)
+        else:
+            logits = self.engine(inputs, segment_ids=segments.to(self.info.device))
+        loss = sft_loss(logits, targets)
         return loss, {"response_tokens": (targets != -100).sum().float()}
 
     def evaluate(self) -> dict[str, float]:

@@ -35,6 +35,8 @@ class Rendered:
 
     ids: list[int]
     learned: list[bool]
+    segments: list[int] | None = None
+    """Packed rows (posttrain.batches.pack): which example each id belongs to; None for one example."""
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -41,10 +41,10 @@ class CheckpointedBlock(Block):
 
     recompute: Callable
 
-    def forward(self, x, rope, cache=None) -> torch.Tensor:
+    def forward(self, x, rope, cache=None, mask=None) -> torch.Tensor:
         if self.training and cache is None:
-            return self.recompute(super().forward, x, rope)
-        return super().forward(x, rope, cache)
+            return self.recompute(super().forward, x, rope, None, mask)
+        return super().forward(x, rope, cache, mask)
 
 
 def apply_activation_checkpointing(model: nn.Module, ds_config: dict[str, Any]) -> int:

@@ -125,7 +125,7 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [T, D]."""
+    """x: [B, H, T, D]; cos/sin: [T, D], or [B, 1, T, D] for per-row positions."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).type_as(x)
@@ -159,7 +159,8 @@ class Attention(nn.Module):
         self.o_proj.residual_projection = True
         self.dropout = config.dropout
 
-    def forward(self, x, rope, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, rope, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: None (causal), or a boolean [B, 1, T, keys] of what each query may attend to."""
         B, T, _ = x.shape
         c = self.config
         q = self.q_proj(x).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
@@ -176,7 +177,8 @@ class Attention(nn.Module):
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=causal and T > 1, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=mask is None and causal and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim))
 
@@ -209,13 +211,17 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, cache)
+    def forward(self, x, rope, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
-    """forward(tokens[B, T], targets[B, T] | None) -> mean loss (with targets) or logits [B, T, V]."""
+    """forward(tokens[B, T], targets[B, T] | None) -> mean loss (with targets) or logits [B, T, V].
+
+    attention_mask (optional, [B, T] or [B, cache length + T], true at real tokens) makes padding inert;
+    segment_ids (optional, [B, T]) keeps packed examples apart.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -247,22 +253,46 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def _rope(self, start: int, length: int):
+    def _rope(self, start: int, length: int, positions: torch.Tensor | None = None):
         if self.pos_embed is not None:
             return None
-        return self.rope_cos[start : start + length], self.rope_sin[start : start + length]
+        if positions is None:
+            return self.rope_cos[start : start + length], self.rope_sin[start : start + length]
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # per-row positions [B, 1, T, D]
 
-    def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-normed hidden states [B, T, d_model] (the input of the LM head and of value/reward heads)."""
+    def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                      attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, d_model] (the input of the LM head and of value/reward heads).
+
+        attention_mask [B, cache length + T], true at real tokens: padding is never attended to and
+        positions count real tokens only, so a left-padded row computes what it would unpadded.
+        segment_ids [B, T] (no cache): packed examples, each a run of one id, attend only within
+        themselves and their positions restart, so a packed row computes what each example would alone.
+        """
         start = cache.length if cache is not None else 0
         T = tokens.shape[1]
+        positions, mask = None, None
+        if segment_ids is not None:
+            index = torch.arange(T, device=tokens.device)
+            first = torch.ones_like(segment_ids[:, :1], dtype=torch.bool)
+            begins = torch.cat([first, segment_ids[:, 1:] != segment_ids[:, :-1]], dim=1)
+            positions = index - torch.where(begins, index, 0).cummax(-1).values
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]
+            mask = ((index[None, :] <= index[:, None]) & same)[:, None]  # [B, 1, T, T]
+        if attention_mask is not None:
+            real = attention_mask.bool()
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start : start + T]
+            keys = torch.arange(start + T, device=tokens.device)
+            queries = keys[start:, None]
+            # A padding query may see itself, so no row is fully masked (its output is never read).
+            mask = ((keys <= queries) & (real[:, None, :] | (keys == queries)))[:, None]  # [B, 1, T, keys]
         x = self.embed(tokens)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(start, start + T, device=tokens.device))
+            x = x + self.pos_embed(torch.arange(start, start + T, device=tokens.device) if positions is None else positions)
         x = self.drop(x)
-        rope = self._rope(start, T)
+        rope = self._rope(start, T, positions)
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, mask)
         if cache is not None:
             cache.length += T
         return self.final_norm(x)
@@ -271,8 +301,9 @@ class Transformer(nn.Module):
         """Logits over the real vocabulary (padding columns dropped)."""
         return self.lm_head(hidden)[..., : self.config.vocab_size]
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
-        hidden = self.hidden_states(tokens, cache)
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None):
+        hidden = self.hidden_states(tokens, cache, attention_mask, segment_ids)
         if targets is None:
             return self.logits(hidden)
         return token_cross_entropy(self.lm_head(hidden), targets).mean()

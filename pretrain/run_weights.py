@@ -13,6 +13,7 @@ Post-training runs read the same way (pretrain.run_dir reads their model section
 weights, for any run: run_tools.run_config.load_checked_model): SFT and DPO checkpoint
 the language model, PPO its actor (RUN_DIR/checkpoints; the critic is under RUN_DIR/critic/). A
 reward model (keys `lm.*`, `head.*`: a scalar head, not a causal LM) is refused with one line.
+A run trained with LoRA reads as its merged weights (pretrain.lora_weights).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.run_layout import config_path
 from pretrain import checkpoint
+from pretrain.lora_weights import has_lora, lora_scale, merge_lora
 from pretrain.model import ModelConfig, Transformer
 from pretrain.pipeline_checkpoint import is_pipeline_checkpoint, pipeline_state_dict_to_model
 from pretrain.run_dir import run_model_config
@@ -97,8 +99,10 @@ def run_state_dict(run_dir: Path, step: int | None = None) -> tuple[dict[str, to
     if is_pipeline_checkpoint(folder):
         return pipeline_state_dict_to_model(folder), tag
     if not any(folder.glob("*optim_states.pt")):
-        return _zero0_module_state(folder, run_model_config(run_dir)), tag
-    return checkpoint.consolidated_state_dict(run_dir, tag)
+        state = _zero0_module_state(folder, run_model_config(run_dir))
+    else:
+        state, tag = checkpoint.consolidated_state_dict(run_dir, tag)
+    return (merge_lora(state, lora_scale(run_dir)) if has_lora(state) else state), tag
 
 
 def _describe(model: ModelConfig) -> str:

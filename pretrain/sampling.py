@@ -29,12 +29,20 @@ def generate(
     top_p: float = 1.0,
     stop_token: int | None = None,
     generator: torch.Generator | None = None,
+    prompt_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """prompt [B, T] -> new tokens [B, <= max_new_tokens]; temperature 0 is greedy."""
+    """prompt [B, T] -> new tokens [B, <= max_new_tokens]; temperature 0 is greedy.
+
+    prompt_mask [B, T] (true at real tokens) lets prompts of different lengths share a batch left-padded.
+    """
     max_new_tokens = min(max_new_tokens, model.config.max_seq_len - prompt.shape[1])
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config, prompt.shape[0], prompt.shape[1] + max_new_tokens, prompt.device, dtype)
-    logits = model(prompt, cache=cache)[:, -1]
+    mask = None
+    if prompt_mask is not None:
+        mask = torch.ones(prompt.shape[0], prompt.shape[1] + max_new_tokens, dtype=torch.bool, device=prompt.device)
+        mask[:, : prompt.shape[1]] = prompt_mask.bool()
+    logits = model(prompt, cache=cache, attention_mask=None if mask is None else mask[:, : prompt.shape[1]])[:, -1]
     out = []
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for _ in range(max_new_tokens):
@@ -48,5 +56,6 @@ def generate(
             finished |= token == stop_token
             if bool(finished.all()):
                 break
-        logits = model(token[:, None], cache=cache)[:, -1]
+        seen = None if mask is None else mask[:, : cache.length + 1]
+        logits = model(token[:, None], cache=cache, attention_mask=seen)[:, -1]
     return torch.stack(out, dim=1) if out else prompt.new_zeros((prompt.shape[0], 0))

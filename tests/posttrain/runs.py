@@ -11,7 +11,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
-VERB_MODULES = {"sft": "posttrain.sft", "reward": "posttrain.reward_model", "ppo": "posttrain.ppo", "dpo": "posttrain.dpo"}
+VERB_MODULES = {"sft": "posttrain.sft", "reward": "posttrain.reward_model", "ppo": "posttrain.ppo", "dpo": "posttrain.dpo", "grpo": "posttrain.grpo"}
 
 
 def _free_port() -> int:

@@ -141,3 +141,21 @@ def test_running_moments_match_the_whole_sample():
         moments.update(chunk)
     assert moments.mean == pytest.approx(data.double().mean().item(), rel=1e-9)
     assert moments.std == pytest.approx(data.double().std(unbiased=False).item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_sft_loss_equals_the_unpacked_loss(arch):
+    from posttrain.batches import segment_inputs
+    from posttrain.losses import sft_loss
+    from pretrain.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(arch=arch, vocab_size=40, n_layers=2, n_heads=2, d_model=16, max_seq_len=32)).eval()
+    examples = rows() * 2
+    packed = pack(examples, seq_len=32)
+    assert len(packed) == 1 and packed[0].segments == [1] * 7 + [2] * 4 + [3] * 7 + [4] * 4
+    inputs, targets = lm_inputs_and_targets(examples, pad_id=0)
+    unpacked = sft_loss(model(inputs), targets)
+    inputs, targets = lm_inputs_and_targets(packed, pad_id=0)
+    assert torch.allclose(sft_loss(model(inputs, segment_ids=segment_inputs(packed)), targets), unpacked, atol=1e-5, rtol=0)
+    assert not torch.allclose(sft_loss(model(inputs), targets), unpacked, atol=1e-4)  # without boundaries it differs

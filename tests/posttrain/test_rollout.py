@@ -58,15 +58,15 @@ def test_experience_aligns_logprobs_values_and_rewards_with_response_tokens():
     scores = torch.tensor([1.0, -2.0])
     exp = make_experience(samples, actor, critic, reference, lambda s: scores, lambda s: s, kl_coef=0.1,
                           temperature=1.0, gamma=1.0, lam=1.0)
-    seq, width = samples.sequences, samples.prompt_width
-    with torch.no_grad():
-        logp = torch.log_softmax(actor(seq), -1)
-        ref = torch.log_softmax(reference(seq), -1)
-    for row in range(2):
-        for j in range(samples.lengths[row].item()):
-            token = seq[row, width + j]
-            assert exp.old_logprobs[row, j].item() == pytest.approx(logp[row, width - 1 + j, token].item(), abs=1e-5)
-            assert exp.ref_logprobs[row, j].item() == pytest.approx(ref[row, width - 1 + j, token].item(), abs=1e-5)
+    for row, (prompt, response) in enumerate(zip(samples.prompts(), samples.responses())):
+        alone = torch.tensor([prompt + response])  # the row without its left padding: the mask makes it identical
+        with torch.no_grad():
+            logp = torch.log_softmax(actor(alone), -1)[0]
+            ref = torch.log_softmax(reference(alone), -1)[0]
+        for j, token in enumerate(response):
+            at = len(prompt) - 1 + j
+            assert exp.old_logprobs[row, j].item() == pytest.approx(logp[at, token].item(), abs=1e-5)
+            assert exp.ref_logprobs[row, j].item() == pytest.approx(ref[at, token].item(), abs=1e-5)
     # γ = λ = 1: the return of the first response token is the score minus the whole KL penalty.
     assert exp.returns[:, 0].tolist() == pytest.approx((scores - 0.1 * exp.kl).tolist(), abs=1e-5)
     assert exp.kl.tolist() == pytest.approx(((exp.old_logprobs - exp.ref_logprobs) * exp.mask).sum(-1).tolist())

@@ -102,3 +102,60 @@ def test_invalid_shapes_are_reported_by_the_config():
     problems = ModelConfig(d_model=30, n_heads=4, n_kv_heads=3).problems()
     assert any("model.d_model = 30" in p for p in problems)
     assert any("model.n_kv_heads = 3" in p for p in problems)
+
+
+def _left_pad(rows, pad_id=0):
+    width = max(len(r) for r in rows)
+    tokens = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows])
+    return tokens, mask
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_left_padding_with_the_attention_mask_is_inert(arch):
+    torch.manual_seed(4)
+    model = Transformer(tiny(arch)).eval()
+    rows = [torch.randint(0, 100, (n,)).tolist() for n in (9, 4, 1)]
+    tokens, mask = _left_pad(rows, pad_id=7)
+    padded = model(tokens, attention_mask=mask)
+    for i, row in enumerate(rows):
+        alone = model(torch.tensor([row]))[0]
+        assert torch.allclose(padded[i, -len(row):], alone, atol=1e-5), (arch, i)
+    # Without the mask the padding is read (the case the mask exists for).
+    assert not torch.allclose(model(tokens)[1, -4:], model(torch.tensor([rows[1]]))[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_left_padded_generation_with_the_kv_cache_matches_each_prompt_alone(arch):
+    torch.manual_seed(5)
+    model = Transformer(tiny(arch)).eval()
+    rows = [torch.randint(0, 100, (n,)).tolist() for n in (7, 3)]
+    tokens, mask = _left_pad(rows, pad_id=7)
+    batched = generate(model, tokens, max_new_tokens=6, temperature=0, prompt_mask=mask)
+    for i, row in enumerate(rows):
+        assert torch.equal(batched[i], generate(model, torch.tensor([row]), max_new_tokens=6, temperature=0)[0])
+    # The cached step's logits equal a full recompute of the unpadded sequence.
+    from pretrain.model import KVCache
+
+    cache = KVCache(model.config, 2, tokens.shape[1] + 1, "cpu", torch.float32)
+    model(tokens, cache=cache, attention_mask=mask)
+    step = model(batched[:, :1], cache=cache, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1))
+    for i, row in enumerate(rows):
+        full = model(torch.tensor([row + [int(batched[i, 0])]]))[0, -1]
+        assert torch.allclose(step[i, -1], full, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_examples_with_segment_ids_give_each_examples_own_logits(arch):
+    torch.manual_seed(6)
+    model = Transformer(tiny(arch)).eval()
+    examples = [torch.randint(0, 100, (n,)).tolist() for n in (5, 3, 6)]
+    packed = torch.tensor([sum(examples, [])])
+    segments = torch.tensor([[i for i, e in enumerate(examples) for _ in e]])
+    logits = model(packed, segment_ids=segments)[0]
+    start = 0
+    for example in examples:
+        alone = model(torch.tensor([example]))[0]
+        assert torch.allclose(logits[start : start + len(example)], alone, atol=1e-5)
+        start += len(example)
+    assert not torch.allclose(model(packed)[0, 5:8], model(torch.tensor([examples[1]]))[0], atol=1e-3)

@@ -1,0 +1,122 @@
+"""The GRPO loop: rollouts in groups, group-relative advantages, clipped updates with a KL term, checkpoints and resume (see posttrain/grpo.py)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from lmforge import distributed
+from posttrain.batches import ExampleOrder
+from posttrain.frozen_models import build_frozen, weight_dtype
+from posttrain.grpo_job import GRPOJob
+from posttrain.job import build_initial, save_run_files
+from posttrain.loop import mean_over_ranks, resume
+from posttrain.lora import add_lora, describe_trainable
+from posttrain.losses import group_advantages, grpo_loss
+from posttrain.rollout import Samples, policy_logprobs, rollout_generator, sample
+from posttrain.scoring import Scorer
+from pretrain import checkpoint
+from pretrain.engine import build_engine
+from pretrain.metrics import MetricsWriter, memory_gb
+from pretrain.model import Transformer
+
+
+class GRPOTrainer:
+    def __init__(self, grpo_job: GRPOJob, info: distributed.DistributedInfo):
+        self.job, self.info = grpo_job.job, info
+        cfg = self.config = self.job.config
+        g, train = cfg.grpo, cfg.train
+        self.tokenizer = self.job.tokenizer
+        self.dtype = weight_dtype(self.job.ds_config)
+        policy = build_initial(cfg, Transformer)
+        if cfg.lora.rank:
+            policy = add_lora(policy, cfg.lora)
+            if distributed.is_main():
+                print(f"grpo: {describe_trainable(policy)}", flush=True)
+        self.actor = build_engine(policy, self.job.ds_config, train.weight_decay, train.compile, train.decay_embeddings)
+        self.reference = None
+        if g.kl_coef > 0:
+            self.reference = build_frozen(build_initial(cfg, Transformer), self.job.ds_config, g.frozen_models, info.device)
+        self.score = Scorer(self.tokenizer, info.device, g.reward_function, "grpo.reward_function", g.reward_run,
+                            grpo_job.reward_model_config, self.job.ds_config, g.frozen_models)
+        self.order = ExampleOrder(grpo_job.prompts, train.seed)
+        self.step = resume(self.actor, cfg.run.dir, "grpo", cfg.run.resume_fallback)
+
+    def save(self) -> None:
+        state = {"step": self.step, "verb": "grpo", "seed": self.config.train.seed, "world_size": self.info.world_size}
+        checkpoint.save(self.actor, self.config.run.dir, self.step, state, self.config.train.keep_last, {"verb": "grpo"})
+
+    def rollout(self) -> dict[str, Any]:
+        """group_size responses to each of this rank's prompts (rows of one group are consecutive), scored."""
+        g = self.config.grpo
+        prompts = self.order.micro_batch(self.step, 0, g.prompts_per_rank, 1, self.info.rank, self.info.world_size)
+        self.actor.eval()
+        generator = rollout_generator(self.config.train.seed, self.step, self.info.rank, 0)
+        samples = sample(self.actor, self.config.model, [p for p in prompts for _ in range(g.group_size)],
+                         g.max_new_tokens, g.temperature, g.top_k, self.tokenizer.eod_id, self.tokenizer.pad_id,
+                         generator, self.info.device, self.dtype)
+        with torch.no_grad():
+            old = policy_logprobs(self.actor, samples, g.temperature)
+            ref = policy_logprobs(self.reference, samples, g.temperature) if self.reference is not None else old
+        scores = self.score(samples)
+        return {"samples": samples, "old": old, "ref": ref, "scores": scores,
+                "advantages": group_advantages(scores, g.group_size, g.scale_rewards)}
+
+    def update(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        g, train = self.config.grpo, self.config.train
+        samples: Samples = batch["samples"]
+        mask = samples.response_mask
+        self.actor.train()
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        rows = samples.sequences.shape[0]
+        for epoch in range(g.epochs):
+            generator = rollout_generator(train.seed, self.step, self.info.rank, 1 + epoch)
+            order = torch.randperm(rows, generator=generator).to(samples.sequences.device)
+            for start in range(0, rows, train.micro_batch_size):
+                idx = order[start : start + train.micro_batch_size]
+                logp = policy_logprobs(self.actor, samples, g.temperature, idx)
+                loss, stats = grpo_loss(logp, batch["old"][idx], batch["ref"][idx], batch["advantages"][idx], mask[idx],
+                                        g.clip_range, g.kl_coef)
+                self.actor.backward(loss)
+                self.actor.step()
+                for key, value in {"loss": loss.detach(), **stats}.items():
+                    sums[key] = sums.get(key, 0.0) + value.float()
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        main = distributed.is_main()
+        save_run_files(self.job, main)
+        metrics = MetricsWriter(cfg.run.dir, main, cfg.run.tensorboard, self.step)
+        bar = None
+        if main and cfg.run.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="grpo", unit="iter", dynamic_ncols=True)
+        last: dict[str, Any] = {}
+        while self.step < cfg.train.max_steps:
+            clock = time.perf_counter()
+            batch = self.rollout()
+            rollout_seconds = time.perf_counter() - clock
+            scores = batch["scores"]
+            stats = {"reward": scores.mean(), "reward_std": scores.view(-1, cfg.grpo.group_size).std(-1).mean(),
+                     "response_length": batch["samples"].lengths.float().mean(), **self.update(batch)}
+            record = mean_over_ranks(stats)
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+            if self.step % cfg.run.log_interval == 0 or self.step == cfg.train.max_steps:
+                last = {"step": self.step, **record, "lr": float(self.actor.get_lr()[0]),
+                        "rollout_seconds": rollout_seconds, "seconds": time.perf_counter() - clock,
+                        "memory_gb": memory_gb(self.info.device)}
+                metrics.write(last)
+            if (cfg.train.save_interval and self.step % cfg.train.save_interval == 0) or self.step == cfg.train.max_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        metrics.close()
+        return last

@@ -1,0 +1,41 @@
+"""LoRA (Hu et al. 2021) through PEFT: low-rank adapters injected into the Transformer's Linear layers
+(`lora` config section); every other weight is frozen, so the optimizer holds state for the adapters
+only. Checkpoints keep PEFT's names; readers of the run get merged weights (pretrain/lora_weights.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from lmforge.errors import LmforgeError
+from posttrain.config import LoraConfig, PosttrainConfig
+
+LORA_VERBS = ("sft", "dpo", "grpo")
+"""Verbs whose trained language model takes adapters (the reward model's head and PPO's critic would need more)."""
+
+
+def check_lora(config: PosttrainConfig, verb: str) -> None:
+    """One line before anything is created when `lora` is set for a verb that does not train with it yet."""
+    if config.lora.rank and verb not in LORA_VERBS:
+        raise LmforgeError(f"lora.rank = {config.lora.rank}: LoRA is supported by {', '.join(LORA_VERBS)} only so far; "
+                           f"set lora.rank=0 for {verb}")
+
+
+def add_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
+    """Injects PEFT LoRA layers into `model` in place and freezes everything but them."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=list(lora.target_modules), bias="none")
+    model = inject_adapter_in_model(peft_config, model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_A." in name or ".lora_B." in name)
+    return model
+
+
+def describe_trainable(model: torch.nn.Module) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    adam_mb = trainable * 3 * 4 / 2**20  # fp32 gradient, exp_avg and exp_avg_sq per trainable parameter
+    return (f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%), "
+            f"gradient + Adam state {adam_mb:.2f} MiB (fp32)")
