@@ -34,7 +34,7 @@ class GRPOJob:
 def prepare_grpo(config: PosttrainConfig, world_size: int) -> GRPOJob:
     """Every check before any process group: config, reward function or run, prompts, the DeepSpeed JSON."""
     check_lora(config, "grpo")
-    t, minibatch = config.train, config.train.micro_batch_size * config.train.grad_accum_steps
+    minibatch = config.train.micro_batch_size * config.train.grad_accum_steps
     if rollouts_per_rank(config) % minibatch:
         raise LmforgeError(f"grpo.prompts_per_rank × grpo.group_size = {rollouts_per_rank(config)}: must be a multiple "
                            f"of train.micro_batch_size × train.grad_accum_steps = {minibatch}")

@@ -3,7 +3,6 @@ actor's and critic's train sections (posttrain/ppo.py is the verb, posttrain/ppo
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from lmforge.distributed import bf16_supported
