@@ -33,7 +33,7 @@ from data_prep.manifest import (
 )
 from data_prep.tokenizer import Tokenizer
 from lmforge import ownership
-from lmforge.errors import LmforgeError
+from lmforge.errors import KeptOutputError, LmforgeError
 from lmforge.out_of_space import describe as describe_space, is_out_of_space
 
 PARTIAL_FILE = "manifest.partial.json"
@@ -392,7 +392,7 @@ def _build_shards_in(directory: Path, corpus: Corpus, tokenizer: Tokenizer, spec
             raise
         kept = sum(len(w.shards) for w in writers.values())
         needed = sum(p.stat().st_size for p in list_files(spec) if p.is_file()) * dtype.itemsize // 4
-        raise LmforgeError(f"--output {directory}: {describe_space(directory, needed)}; the shard being written was "
+        raise KeptOutputError(f"--output {directory}: {describe_space(directory, needed)}; the shard being written was "
                            f"removed, the {kept} complete shard(s) are kept: free space and rerun the same command "
                            "to continue") from None
     corpus_info = {"documents": stats["documents"], "bytes": stats["bytes"], "sha256": stats["digest"].hexdigest(),

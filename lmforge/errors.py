@@ -17,6 +17,11 @@ class LmforgeError(Exception):
     """
 
 
+class KeptOutputError(LmforgeError):
+    """An LmforgeError after which the output written so far stays (e.g. complete shards on a full
+    disk, so the rerun continues), where a refused input would have its new folder removed."""
+
+
 def run_cli(entry: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Runs `entry(argv)`; an LmforgeError becomes `error: <message>` on stderr and exit code 2."""
     forbid_world_writable_outputs()

@@ -108,17 +108,20 @@ def output_directory(directory: Path) -> Iterator[Path]:
 
     A corpus is judged while it streams (a bad document may come late), so the folders the job had
     to create are removed again when it stops on an LmforgeError (a bad input), with whatever the
-    job wrote into them: nobody else's files can be there. Another failure (an interrupt, a crash)
-    keeps what was written, so a rerun resumes; only folders still empty are removed then."""
+    job wrote into them: nobody else's files can be there. A KeptOutputError (complete shards on a
+    full disk) and any other failure (an interrupt, a crash) keep what was written, so a rerun
+    resumes; only folders still empty are removed then."""
     import shutil
 
-    from lmforge.errors import LmforgeError
+    from lmforge.errors import KeptOutputError, LmforgeError
 
     directory = Path(directory)
     created = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
     ensure_writable_dir(directory)
     try:
         yield directory
+    except KeptOutputError:
+        raise
     except LmforgeError:
         if created:
             shutil.rmtree(created[-1], ignore_errors=True)

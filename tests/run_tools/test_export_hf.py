@@ -278,12 +278,13 @@ def test_user_symbols_and_control_symbols_tokenize_as_in_lmforge(tmp_path, stdli
     from run_tools.hf_tokenizer import write_hf_tokenizer
 
     spec = CorpusSpec(inputs=tuple(str(p) for p in stdlib_subset(10)))
-    options = TokenizerOptions(vocab_size=400, user_symbols=("<|user|>", "<|assistant|>", "\u2581\u2581x"),
+    # (a symbol holding U+2581 or a space is refused by train_tokenizer: the two would disagree on it)
+    options = TokenizerOptions(vocab_size=400, user_symbols=("<|user|>", "<|assistant|>", "x_x"),
                                control_symbols=("<|ctrl|>",))
     ours = Tokenizer.load(train_tokenizer(spec, options, tmp_path / "sp", progress=False))
     write_hf_tokenizer(ours.model_bytes(), tmp_path, 128)
     theirs = AutoTokenizer.from_pretrained(tmp_path)
-    for text in ("<|user|> hi\n<|assistant|>  ok<|ctrl|> </s>", "a<|user|>b<|user|><|user|>", "y  x   xx"):
+    for text in ("<|user|> hi\n<|assistant|>  ok<|ctrl|> </s>", "a<|user|>b<|user|><|user|>", "y  x_x   xx x_xx_x"):
         ids = theirs(text)["input_ids"]
         assert ids == ours.encode(text), text
         assert theirs.decode(ids) == text
