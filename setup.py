@@ -24,6 +24,7 @@ setup(
         "pyarrow>=14",
         "matplotlib>=3.7",
         "transformers>=4.45",
+        "peft>=0.10",  # LoRA for post-training (posttrain/lora.py)
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
