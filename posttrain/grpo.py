@@ -11,42 +11,23 @@ run that export-hf, generate and eval read); metrics go to RUN_DIR/metrics.jsonl
 """
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 from lmforge import distributed
-from lmforge.distributed import launcher_world_size
 from lmforge.errors import run_cli
-from posttrain.config import load_posttrain_config
 from posttrain.grpo_job import policy_train_section, prepare_grpo
-from posttrain.job import parse_args, start_ranks
+from posttrain.rollout_job import run_rollout_verb
+
+
+def _trainer(prepared, info):
+    from posttrain.grpo_trainer import GRPOTrainer  # DeepSpeed is imported only once every input is checked
+
+    return GRPOTrainer(prepared, info)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args("grpo", __doc__.splitlines()[0], "grpo", argv)
-    config = load_posttrain_config(args.config, args.set)
-    grpo_job = prepare_grpo(config, launcher_world_size())
-    from posttrain.grpo_trainer import GRPOTrainer  # DeepSpeed is imported only once every input is checked
-
-    job, info = start_ranks(grpo_job.job, policy_train_section(grpo_job.job.config), verb="grpo")
-    if job is not grpo_job.job:
-        grpo_job = prepare_grpo(job.config, info.world_size)
-    try:
-        trainer = GRPOTrainer(grpo_job, info)
-        if trainer.step >= job.config.train.max_steps:
-            if distributed.is_main():
-                print(f"nothing to do: {job.config.run.dir} already at step {trainer.step} ≥ train.max_steps = "
-                      f"{job.config.train.max_steps}", flush=True)
-            return 0
-        started = time.perf_counter()
-        last = trainer.run()
-        if distributed.is_main() and last:
-            keys = ("reward", "reward_std", "kl", "clip_fraction", "response_length")
-            summary = ", ".join(f"{k}={last[k]:.4g}" for k in keys if isinstance(last.get(k), float))
-            print(f"grpo done at iteration {trainer.step} ({time.perf_counter() - started:.0f}s): {summary}", flush=True)
-    finally:
-        distributed.shutdown()
-    return 0
+    return run_rollout_verb("grpo", __doc__.splitlines()[0], argv, prepare_grpo, policy_train_section, _trainer,
+                            ("reward", "reward_std", "kl", "clip_fraction", "response_length"))
 
 
 if __name__ == "__main__":

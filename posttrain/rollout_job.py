@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from lmforge.errors import LmforgeError
 from lmforge.run_layout import metrics_path
@@ -78,3 +78,37 @@ def rollout_prompts(job: Job, max_new_tokens: int, section: str) -> list[list[in
         raise LmforgeError("data.train is required: a JSONL file of " + PROMPT_SHAPE)
     records, _ = split_records(cfg.data.train, None, 0.0, parse_prompt, PROMPT_SHAPE)
     return [render_prompt(job.tokenizer, p, cfg.data.max_prompt_len) for p in records]
+
+
+def run_rollout_verb(verb: str, description: str, argv: Sequence[str] | None, prepare: Callable[[Any, int], Any],
+                     train_section: Callable[[Any], TrainConfig], make_trainer: Callable[[Any, Any], Any],
+                     summary_keys: Sequence[str]) -> int:
+    """The entry point of a rollout verb (ppo, grpo): every check (`prepare(config, world_size)`, whose
+    result has `.job`), the ranks, the trainer (`make_trainer(prepared, info)`: the place DeepSpeed is
+    imported), a finished run's "nothing to do", and the summary line."""
+    import time
+
+    from lmforge import distributed
+    from posttrain.config import load_posttrain_config
+    from posttrain.job import parse_args, start_ranks
+
+    args = parse_args(verb, description, verb, argv)
+    prepared = prepare(load_posttrain_config(args.config, args.set), distributed.launcher_world_size())
+    job, info = start_ranks(prepared.job, train_section(prepared.job.config), verb=verb)
+    if job is not prepared.job:  # MPI told the world size only now
+        prepared = prepare(job.config, info.world_size)
+    try:
+        trainer = make_trainer(prepared, info)
+        if trainer.step >= job.config.train.max_steps:
+            if distributed.is_main():
+                print(f"nothing to do: {job.config.run.dir} already at step {trainer.step} ≥ train.max_steps = "
+                      f"{job.config.train.max_steps}", flush=True)
+            return 0
+        started = time.perf_counter()
+        last = trainer.run()
+        if distributed.is_main() and last:
+            summary = ", ".join(f"{k}={last[k]:.4g}" for k in summary_keys if isinstance(last.get(k), float))
+            print(f"{verb} done at iteration {trainer.step} ({time.perf_counter() - started:.0f}s): {summary}", flush=True)
+    finally:
+        distributed.shutdown()
+    return 0
