@@ -10,15 +10,14 @@ from lmforge import distributed
 from posttrain.batches import ExampleOrder
 from posttrain.frozen_models import build_frozen, weight_dtype
 from posttrain.grpo_job import GRPOJob
-from posttrain.job import build_initial, save_run_files
-from posttrain.loop import mean_over_ranks, resume
+from posttrain.job import build_initial
+from posttrain.loop import mean_over_ranks, resume, run_rollout_iterations
 from posttrain.lora import add_lora, describe_trainable
 from posttrain.losses import group_advantages, grpo_loss
 from posttrain.rollout import Samples, policy_logprobs, rollout_generator, sample
 from posttrain.scoring import Scorer
 from pretrain import checkpoint
 from pretrain.engine import build_engine
-from pretrain.metrics import MetricsWriter, memory_gb
 from pretrain.model import Transformer
 
 
@@ -87,36 +86,13 @@ class GRPOTrainer:
         return {k: v / count for k, v in sums.items()}
 
     def run(self) -> dict[str, Any]:
-        cfg = self.config
-        main = distributed.is_main()
-        save_run_files(self.job, main)
-        metrics = MetricsWriter(cfg.run.dir, main, cfg.run.tensorboard, self.step)
-        bar = None
-        if main and cfg.run.progress_bar:
-            from tqdm import tqdm
+        return run_rollout_iterations(self, "grpo", self._iteration)
 
-            bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="grpo", unit="iter", dynamic_ncols=True)
-        last: dict[str, Any] = {}
-        while self.step < cfg.train.max_steps:
-            clock = time.perf_counter()
-            batch = self.rollout()
-            rollout_seconds = time.perf_counter() - clock
-            scores = batch["scores"]
-            stats = {"reward": scores.mean(), "reward_std": scores.view(-1, cfg.grpo.group_size).std(-1).mean(),
-                     "response_length": batch["samples"].lengths.float().mean(), **self.update(batch)}
-            record = mean_over_ranks(stats)
-            self.step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
-            if self.step % cfg.run.log_interval == 0 or self.step == cfg.train.max_steps:
-                last = {"step": self.step, **record, "lr": float(self.actor.get_lr()[0]),
-                        "rollout_seconds": rollout_seconds, "seconds": time.perf_counter() - clock,
-                        "memory_gb": memory_gb(self.info.device)}
-                metrics.write(last)
-            if (cfg.train.save_interval and self.step % cfg.train.save_interval == 0) or self.step == cfg.train.max_steps:
-                self.save()
-        if bar is not None:
-            bar.close()
-        metrics.close()
-        return last
+    def _iteration(self) -> tuple[dict[str, float], dict[str, Any]]:
+        clock = time.perf_counter()
+        batch = self.rollout()
+        rollout_seconds = time.perf_counter() - clock
+        scores = batch["scores"]
+        stats = {"reward": scores.mean(), "reward_std": scores.view(-1, self.config.grpo.group_size).std(-1).mean(),
+                 "response_length": batch["samples"].lengths.float().mean(), **self.update(batch)}
+        return mean_over_ranks(stats), {"rollout_seconds": rollout_seconds}

@@ -124,3 +124,36 @@ def print_summary(verb: str, step: int, last: dict[str, Any]) -> None:
     if distributed.is_main() and last:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float) and k != "memory_gb")
         print(f"{verb} done at step {step}: {summary}", flush=True)
+
+
+def run_rollout_iterations(trainer, verb: str, iterate: Callable[[], tuple[dict[str, float], dict[str, Any]]]) -> dict[str, Any]:
+    """The outer loop of a rollout verb (ppo, grpo) to train.max_steps iterations: run files, metrics,
+    progress bar, checkpoints. `iterate()` runs one iteration and returns (its record, averaged over
+    ranks, and the extra fields to log with it); `trainer` has config, job, info, step, actor, save()."""
+    cfg = trainer.config
+    main = distributed.is_main()
+    save_run_files(trainer.job, main)
+    metrics = MetricsWriter(cfg.run.dir, main, cfg.run.tensorboard, trainer.step)
+    bar = None
+    if main and cfg.run.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=trainer.step, desc=verb, unit="iter", dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    while trainer.step < cfg.train.max_steps:
+        clock = time.perf_counter()
+        record, extra = iterate()
+        trainer.step += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+        if trainer.step % cfg.run.log_interval == 0 or trainer.step == cfg.train.max_steps:
+            last = {"step": trainer.step, **record, **extra, "lr": float(trainer.actor.get_lr()[0]),
+                    "seconds": time.perf_counter() - clock, "memory_gb": memory_gb(trainer.info.device)}
+            metrics.write(last)
+        if (cfg.train.save_interval and trainer.step % cfg.train.save_interval == 0) or trainer.step == cfg.train.max_steps:
+            trainer.save()
+    if bar is not None:
+        bar.close()
+    metrics.close()
+    return last

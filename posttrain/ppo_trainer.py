@@ -10,8 +10,8 @@ from lmforge.errors import LmforgeError
 from posttrain.batches import ExampleOrder
 from posttrain.frozen_models import build_frozen, weight_dtype
 from posttrain.heads import ScalarHeadModel
-from posttrain.job import build_initial, save_run_files
-from posttrain.loop import mean_over_ranks
+from posttrain.job import build_initial
+from posttrain.loop import mean_over_ranks, run_rollout_iterations
 from posttrain.losses import (KLController, RunningMoments, clipped_policy_loss, clipped_value_loss,
                               entropy_from_logits, masked_mean, token_logprobs)
 from lmforge import distributed
@@ -22,7 +22,6 @@ from posttrain.rollout import Experience, experience_stats, make_experience, res
 from posttrain.scoring import Scorer, decode, reward_module
 from pretrain import checkpoint
 from pretrain.engine import build_engine
-from pretrain.metrics import MetricsWriter, memory_gb
 from pretrain.model import Transformer
 
 
@@ -135,39 +134,17 @@ class PPOTrainer:
         return {k: v / count for k, v in sums.items()}
 
     def run(self) -> dict[str, Any]:
-        cfg = self.config
-        main = distributed.is_main()
-        save_run_files(self.job, main)
-        metrics = MetricsWriter(cfg.run.dir, main, cfg.run.tensorboard, self.step)
-        bar = None
-        if main and cfg.run.progress_bar:
-            from tqdm import tqdm
+        return run_rollout_iterations(self, "ppo", self._iteration)
 
-            bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="ppo", unit="iter", dynamic_ncols=True)
-        last: dict[str, Any] = {}
-        while self.step < cfg.train.max_steps:
-            clock = time.perf_counter()
-            exp = self.rollout()
-            rollout_seconds = time.perf_counter() - clock
-            stats = {**experience_stats(exp), **self.update(exp)}
-            if self.monitor is not None:
-                prompts, responses = decode(self.tokenizer, exp.samples)
-                stats["monitor"] = call_reward_function(self.monitor, prompts, responses, self.info.device).mean()
-            record = mean_over_ranks(stats)
-            kl_coef = self.kl.coef
-            self.kl.update(record["kl"], cfg.ppo.rollout_batch_size * self.info.world_size)
-            self.step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
-            if self.step % cfg.run.log_interval == 0 or self.step == cfg.train.max_steps:
-                last = {"step": self.step, **record, "kl_coef": kl_coef, "lr": float(self.actor.get_lr()[0]),
-                        "critic_lr": float(self.critic.get_lr()[0]), "rollout_seconds": rollout_seconds,
-                        "seconds": time.perf_counter() - clock, "memory_gb": memory_gb(self.info.device)}
-                metrics.write(last)
-            if (cfg.train.save_interval and self.step % cfg.train.save_interval == 0) or self.step == cfg.train.max_steps:
-                self.save()
-        if bar is not None:
-            bar.close()
-        metrics.close()
-        return last
+    def _iteration(self) -> tuple[dict[str, float], dict[str, Any]]:
+        clock = time.perf_counter()
+        exp = self.rollout()
+        rollout_seconds = time.perf_counter() - clock
+        stats = {**experience_stats(exp), **self.update(exp)}
+        if self.monitor is not None:
+            prompts, responses = decode(self.tokenizer, exp.samples)
+            stats["monitor"] = call_reward_function(self.monitor, prompts, responses, self.info.device).mean()
+        record = mean_over_ranks(stats)
+        kl_coef = self.kl.coef
+        self.kl.update(record["kl"], self.config.ppo.rollout_batch_size * self.info.world_size)
+        return record, {"kl_coef": kl_coef, "critic_lr": float(self.critic.get_lr()[0]), "rollout_seconds": rollout_seconds}
