@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="A DeepSpeed pipeline from raw text to a trained, aligned, exported language model.",
     python_requires=">=3.10",
-    packages=find_packages(include=["lmforge*", "data_prep*", "pretrain*", "posttrain*", "run_tools*", "launch*", "bench*"]),
+    packages=find_packages(include=["lmforge*", "data_prep*", "parallel*", "pretrain*", "posttrain*", "run_tools*", "launch*", "bench*"]),
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

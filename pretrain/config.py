@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from lmforge.config import load_config
+from parallel.config import ParallelConfig
 from pretrain.model import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -125,17 +126,6 @@ class TrainConfig:
 class DeepSpeedSection:
     config: Path = Path("ds_configs/zero1.json")
     """DeepSpeed's own JSON (ZeRO stage, precision, offload, activation checkpointing)."""
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    pipeline_stages: int = 1
-    """Pipeline stages (DeepSpeed PipelineModule); ranks = stages × data-parallel replicas."""
-    partition_method: Literal["parameters", "uniform"] = "parameters"
-    """How blocks are split across stages: by parameter count or by equal block counts."""
-
-    def problems(self) -> list[str]:
-        return [] if self.pipeline_stages >= 1 else [f"parallel.pipeline_stages = {self.pipeline_stages}: must be at least 1"]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 from pretrain.activation_checkpointing import checkpoint_function
-from pretrain.config import ParallelConfig
+from parallel.config import ParallelConfig
 from pretrain.ds_config import activation_checkpoint_every, with_pipeline, zero_stage_of
 from pretrain.model import Block, ModelConfig, Transformer, token_cross_entropy
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from pretrain.config import ParallelConfig, TrainConfig
+from parallel.config import ParallelConfig
+from pretrain.config import TrainConfig
 from pretrain.ds_config import build_deepspeed_config
 from pretrain.model import ModelConfig, Transformer
 from pretrain.pipeline import (
