@@ -14,7 +14,7 @@ import torch
 
 from pretrain.activation_checkpointing import apply_activation_checkpointing
 from pretrain.ds_config import guards_on_device, zero_stage_of
-from pretrain.model import Transformer
+from pretrain.model import ModelConfig, Transformer
 from pretrain.pipeline import build_pipeline_module, pipeline_stages_of
 
 
@@ -35,6 +35,57 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddin
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def build_model(config: ModelConfig, ds_config: dict[str, Any]) -> Transformer:
+    """The plain model, built for the engine that will wrap it.
+
+    At ZeRO-3 it is built under `deepspeed.zero.Init`: each weight is partitioned (and placed on the
+    GPU, or the CPU with offload_param) as it is created, so no full fp32 copy of the model is ever
+    on the host (52 GB for 13B). The random state is rewound and every module's init is replayed
+    one module at a time on an fp32 copy of its gathered weights, in the order `Transformer(config)`
+    runs them: on a CPU run exactly the plain build's weights; on a GPU drawn there (the same
+    distributions from the same seed, deterministic: 13B random numbers take minutes on the CPU).
+    """
+    if zero_stage_of(ds_config) != 3 or pipeline_stages_of(ds_config) > 1:
+        return Transformer(config)
+    rng = torch.get_rng_state()
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = Transformer(config)
+    torch.set_rng_state(rng)
+    for module in model.modules():  # creation order: each layer's own reset_parameters
+        if hasattr(module, "reset_parameters"):
+            _init_gathered(module, lambda m: m.reset_parameters())
+    for module in _post_order(model):  # then Transformer's init, as nn.Module.apply runs it
+        _init_gathered(module, model._init_weights)
+    return model
+
+
+def _init_gathered(module: torch.nn.Module, init: Callable[[torch.nn.Module], None]) -> None:
+    """Runs `init(module)` on fp32 copies of its gathered weights (the plain build's dtype), on the
+    device they were gathered to, then copies the result into the module's partitioned weights."""
+    params = list(module.parameters(recurse=False))
+    if not params:
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        placed = [p.data for p in params]
+        for p in params:
+            p.data = p.data.to(dtype=torch.float32, copy=True)  # an init that sets nothing keeps it
+        init(module)
+        for p, target in zip(params, placed):
+            target.copy_(p.data)
+            p.data = target
+
+
+def _post_order(module: torch.nn.Module):
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
+
+
+def model_parameters(model: torch.nn.Module) -> int:
+    """Parameter count, also of a model partitioned by zero.Init (whose tensors are empty here)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())
 
 
 def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool,

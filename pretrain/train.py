@@ -25,7 +25,6 @@ from pretrain.config import PretrainConfig, load_pretrain_config
 from pretrain.ds_config import guards_on_device, precision_of, with_universal_loading, zero_stage_of
 from pretrain.guarded_step import GuardedStep, PendingStep
 from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation
-from pretrain.model import Transformer
 from pretrain.pipeline import data_parallel_size, pipeline_metrics
 from pretrain.preemption import PreemptionSignals
 from pretrain.rank_batches import BatchPrefetcher, TrainingData
@@ -63,7 +62,7 @@ def prepare(config: PretrainConfig, world_size: int, verify_checksums: bool = Tr
 
 class Trainer:
     def __init__(self, run: PreparedRun, info: distributed.DistributedInfo):
-        from pretrain.engine import build_engine, data_parallel_position
+        from pretrain.engine import build_engine, build_model, data_parallel_position
 
         self.config, self.ds_config, self.info = run.config, run.ds_config, info
         train = self.config.train
@@ -74,7 +73,7 @@ class Trainer:
         if self.resume_point is not None and self.resume_point.load_dir is not None:
             ds_config = with_universal_loading(ds_config)
         torch.manual_seed(train.seed)
-        self.model = Transformer(self.config.model)
+        self.model = build_model(self.config.model, ds_config)
         on_device = guards_on_device(ds_config)
         self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile, train.decay_embeddings,
                                    guard_clips=on_device, compile_scope=train.compile_scope)
