@@ -99,6 +99,7 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
     from lmforge.distributed import bf16_supported
     from pretrain.ds_config import build_deepspeed_config, read_deepspeed_json
     from pretrain.ds_json_checks import deepspeed_json_problems, precision_problems
+    from parallel.tensor import tensor_parallel_json_problems, with_tensor_parallel
     from pretrain.pipeline import configure_pipeline, data_parallel_size
 
     path = resolve_repo_path(config.deepspeed.config)
@@ -110,12 +111,14 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
     problems = deepspeed_json_problems(raw, path)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     problems += precision_problems(raw, path, gpu, bf16_supported())
+    problems += tensor_parallel_json_problems(raw, config.parallel.tensor, str(path))
     found.problems += problems
     if problems or world_size is None:
         return
     try:
         ds_config = build_deepspeed_config(path, config.train, data_parallel_size(config.parallel, world_size), bf16_supported())
-        found.ds_config = configure_pipeline(ds_config, config.parallel, config.model, world_size)
+        ds_config = configure_pipeline(ds_config, config.parallel, config.model, world_size)
+        found.ds_config = with_tensor_parallel(ds_config, config.parallel.tensor)
     except LmforgeError as err:
         found.problems += str(err).splitlines()
 
