@@ -91,3 +91,12 @@ def test_export_hf_of_a_tensor_parallel_run_gives_lmforges_logits(runs, tmp_path
         ours = model(ids)
         theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(ids).logits
     assert torch.allclose(theirs[..., : config.model.vocab_size], ours, atol=1e-4, rtol=0)
+
+
+def test_a_resume_with_another_tensor_degree_is_refused(runs, tmp_path, shards):
+    resumed = tmp_path / "other-degree"
+    shutil.copytree(runs["llama", "tp2"], resumed)
+    command = training_command(1) + ["--config", "tiny"] + tiny_overrides(resumed, shards, **_sets("llama", **{"train.max_steps": 30}))
+    result = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "written with parallel.tensor = 2, the config says 1; resume with the tensor degree it was saved with" in result.stderr
