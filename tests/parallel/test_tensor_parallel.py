@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint
+from pretrain.metrics import read_metrics
 from tests.pretrain.training_runs import REPO, run_env, run_training, step_losses, tiny_overrides, training_command
 
 pytestmark = pytest.mark.slow
@@ -38,6 +39,17 @@ def test_tensor_parallel_2_matches_single_rank_losses(arch, runs):
     reference, losses = step_losses(runs[arch, "single"]), step_losses(runs[arch, "tp2"])
     assert len(reference) == STEPS and reference[-1] < reference[0]
     assert losses == pytest.approx(reference, rel=1e-5)
+    # Norms above train.grad_clip = 1: clipping acts, and its norm spans the tensor group's shards.
+    norms, reference_norms = ([r["grad_norm"] for r in read_metrics(runs[arch, layout]) if "grad_norm" in r]
+                              for layout in ("tp2", "single"))
+    assert len(norms) == STEPS and max(norms) > 1.0
+    assert norms == pytest.approx(reference_norms, rel=1e-5)
+
+
+def test_tensor_parallel_at_zero0_clips_like_deepspeed_and_matches_single_rank_losses(runs, tmp_path, shards):
+    losses = run_training(tmp_path / "tp2-zero0", shards, nproc=2, **_sets(
+        "llama", **{"parallel.tensor": 2, "deepspeed.config": "ds_configs/zero0.json", "train.save_interval": 0}))
+    assert losses == pytest.approx(step_losses(runs["llama", "single"]), rel=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
