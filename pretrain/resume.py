@@ -163,6 +163,9 @@ def plan(config, data_parallel_size: int, zero_stage: int) -> ResumePoint | None
         if saved_stages > 1:
             raise LmforgeError(f"{folder}: a pipelined checkpoint of {record['data_parallel_size']} data-parallel replicas "
                                f"cannot be resumed on {data_parallel_size}; resume on as many replicas")
+        if saved_tensor > 1:  # DeepSpeed's universal conversion of AutoTP shards is not verified in lmforge
+            raise LmforgeError(f"{folder}: a tensor-parallel checkpoint of {record['data_parallel_size']} data-parallel replicas "
+                               f"cannot be resumed on {data_parallel_size}; resume on as many replicas")
         load_dir = universal_checkpoint.universal_copy(folder)
     return ResumePoint(tag, record, load_dir)
 

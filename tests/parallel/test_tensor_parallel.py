@@ -112,3 +112,13 @@ def test_a_resume_with_another_tensor_degree_is_refused(runs, tmp_path, shards):
     result = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert "written with parallel.tensor = 2, the config says 1; resume with the tensor degree it was saved with" in result.stderr
+
+
+def test_a_tensor_parallel_resume_on_another_number_of_data_replicas_is_refused(runs, tmp_path, shards):
+    resumed = tmp_path / "more-replicas"
+    shutil.copytree(runs["llama", "tp2"], resumed)
+    sets = _sets("llama", **{"parallel.tensor": 2, "train.max_steps": 30, "train.micro_batch_size": 1})
+    command = training_command(4) + ["--config", "tiny"] + tiny_overrides(resumed, shards, **sets)
+    result = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "a tensor-parallel checkpoint of 1 data-parallel replicas cannot be resumed on 2" in result.stdout + result.stderr
