@@ -3,13 +3,15 @@
 `ds_configs/*.json` are DeepSpeed's own format. `build_deepspeed_config` fills in what DeepSpeed
 must agree on with our `train` section, and refuses a JSON that says something different; the
 two other sections lmforge writes are here too: `pipeline` (`with_pipeline`, from the `parallel`
-section) and `checkpoint.load_universal` (`with_universal_loading`, a resume on other ranks):
+section) and `checkpoint.load_universal` (`with_universal_loading`, a resume on other ranks); the
+`tensor_parallel` section (autotp_size and AutoTP's layer specs) is filled from `parallel.tensor`
+by `parallel.tensor.with_tensor_parallel`, called next to `with_pipeline` in pretrain.run_checks:
 
 | DeepSpeed key                         | filled from                                   |
 | ------------------------------------- | --------------------------------------------- |
 | train_micro_batch_size_per_gpu        | train.micro_batch_size                        |
 | gradient_accumulation_steps           | train.grad_accum_steps                        |
-| train_batch_size                      | micro × accumulation × data-parallel ranks    |
+| train_batch_size                      | micro × accumulation × data-parallel ranks (world / (pipeline × tensor)) |
 | gradient_clipping                     | train.grad_clip                               |
 | optimizer (AdamW) params              | train.lr, beta1, beta2, adam_eps, weight_decay |
 | scheduler (WarmupCosineLR) params     | train.max_steps, warmup_steps, min_lr / lr (`warmup_cosine_params`) |
