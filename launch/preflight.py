@@ -154,8 +154,9 @@ def summarise_batch(config, ds_config: dict[str, Any], world: int, found: Findin
 
     train = config.train
     batch = ds_config["train_batch_size"]
-    stages = config.parallel.pipeline_stages
-    ranks = f"{world} ranks" if stages == 1 else f"{world // stages} data-parallel ranks ({world} ranks / {stages} pipeline stages)"
+    stages, tensor = config.parallel.pipeline_stages, config.parallel.tensor
+    split = " × ".join(f"{n} {what}" for n, what in ((stages, "pipeline stages"), (tensor, "tensor-parallel ranks")) if n > 1)
+    ranks = f"{world} ranks" if not split else f"{world // (stages * tensor)} data-parallel ranks ({world} ranks / {split})"
     found.fact("global batch", f"{batch} sequences = micro {train.micro_batch_size} × accum {train.grad_accum_steps} × {ranks}")
     found.fact("tokens/step", f"{batch * train.seq_len:,} ({train.seq_len} tokens per sequence)")
     found.fact("deepspeed", f"{config.deepspeed.config}: ZeRO-{zero_stage_of(ds_config)}, {precision_of(ds_config)} on this machine")

@@ -3,13 +3,15 @@
 `ds_configs/*.json` are DeepSpeed's own format. `build_deepspeed_config` fills in what DeepSpeed
 must agree on with our `train` section, and refuses a JSON that says something different; the
 two other sections lmforge writes are here too: `pipeline` (`with_pipeline`, from the `parallel`
-section) and `checkpoint.load_universal` (`with_universal_loading`, a resume on other ranks):
+section) and `checkpoint.load_universal` (`with_universal_loading`, a resume on other ranks); the
+`tensor_parallel` section (autotp_size and AutoTP's layer specs) is filled from `parallel.tensor`
+by `parallel.tensor.with_tensor_parallel`, called next to `with_pipeline` in pretrain.run_checks:
 
 | DeepSpeed key                         | filled from                                   |
 | ------------------------------------- | --------------------------------------------- |
 | train_micro_batch_size_per_gpu        | train.micro_batch_size                        |
 | gradient_accumulation_steps           | train.grad_accum_steps                        |
-| train_batch_size                      | micro × accumulation × data-parallel ranks    |
+| train_batch_size                      | micro × accumulation × data-parallel ranks (world / (pipeline × tensor)) |
 | gradient_clipping                     | train.grad_clip                               |
 | optimizer (AdamW) params              | train.lr, beta1, beta2, adam_eps, weight_decay |
 | scheduler (WarmupCosineLR) params     | train.max_steps, warmup_steps, min_lr / lr (`warmup_cosine_params`) |
@@ -192,7 +194,7 @@ def activation_checkpoint_every(ds_config: dict[str, Any], n_layers: int) -> int
 def guards_on_device(ds_config: dict[str, Any]) -> bool:
     """True when pretrain.guarded_step guards a step on the device, with no host synchronisation:
     torch's fused Adam/AdamW (`"torch_adam": true, "fused": true`), bf16 autocast or fp32 (no loss
-    scaler), no offload, no pipeline, and at ZeRO-0 no DeepSpeed bf16 optimizer wrapper."""
+    scaler), no offload, no pipeline, no tensor parallelism, and at ZeRO-0 no DeepSpeed bf16 optimizer wrapper."""
     optimizer = ds_config.get("optimizer") or {}
     params = optimizer.get("params") or {}
     if str(optimizer.get("type", "")).lower() not in ("adam", "adamw") or not (params.get("torch_adam") and params.get("fused")):
@@ -202,8 +204,10 @@ def guards_on_device(ds_config: dict[str, Any]) -> bool:
     precision = precision_of(ds_config)
     loss_scaled = precision == "fp16" or (precision.startswith("autocast-") and precision != "autocast-bf16")
     pipelined = int((ds_config.get("pipeline") or {}).get("stages", 1) or 1) > 1
+    # lmforge's own ZeRO-0 clipping sees only this rank's shards; DeepSpeed's norm spans the tensor group.
+    tensor_parallel = int((ds_config.get("tensor_parallel") or {}).get("autotp_size", 0) or 0) > 1
     bf16_wrapper = precision == "bf16" and zero_stage_of(ds_config) == 0
-    return not (offloaded or loss_scaled or pipelined or bf16_wrapper)
+    return not (offloaded or loss_scaled or pipelined or tensor_parallel or bf16_wrapper)
 
 
 def with_pipeline(ds_config: dict[str, Any], stages: int, partition: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import deepspeed
 import torch
 
+from parallel.tensor import tensor_parallel_groups
 from pretrain.activation_checkpointing import apply_activation_checkpointing
 from pretrain.ds_config import guards_on_device, zero_stage_of
 from pretrain.model import ModelConfig, Transformer
@@ -113,7 +114,8 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     if compile_model and not deepcompile:
         compile_in_place(model, compile_scope)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=parameter_groups(model, weight_decay, decay_embeddings), config=ds_config
+        model=model, model_parameters=parameter_groups(model, weight_decay, decay_embeddings), config=ds_config,
+        mpu=tensor_parallel_groups(ds_config),  # AutoTP (parallel/tensor.py) splits the layers inside initialize
     )
     if compile_model and deepcompile:
         engine.compile()
@@ -207,7 +209,8 @@ def data_parallel_position(engine) -> tuple[int, int]:
     """(rank, size) of this process among the data-parallel replicas: who reads which samples.
 
     All stages of one pipeline share a data-parallel rank: the first stage needs the inputs, the
-    last the targets of the same samples.
+    last the targets of the same samples; so do the ranks of one tensor-parallel group (DeepSpeed's
+    data-parallel group excludes them), which must see the same batch.
     """
     import torch.distributed as dist
 

@@ -163,9 +163,10 @@ class Attention(nn.Module):
         """mask: None (causal), or a boolean [B, 1, T, keys] of what each query may attend to."""
         B, T, _ = x.shape
         c = self.config
-        q = self.q_proj(x).view(B, T, c.n_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
+        # Head counts come from the tensors: a tensor-parallel rank holds n_heads / tensor of them.
+        q = self.q_proj(x).view(B, T, -1, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, c.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         causal = True
@@ -173,14 +174,14 @@ class Attention(nn.Module):
             causal = cache.length == 0  # a prefill is causal; one new token attends to all before it
             k, v = cache.update(self.layer, k, v)
         if c.kv_heads != c.n_heads:  # grouped-query attention: share each kv head across a group
-            repeat = c.n_heads // c.kv_heads
+            repeat = c.n_heads // c.kv_heads  # the same ratio on every tensor-parallel rank
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and causal and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, c.n_heads * c.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):

@@ -170,9 +170,10 @@ def pipeline_stages_of(ds_config: dict[str, Any]) -> int:
 
 
 def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
-    """Data-parallel replicas: world / P (the whole world where P does not divide it; the checks say so)."""
-    stages = max(parallel.pipeline_stages, 1)
-    return world_size // stages if world_size % stages == 0 else world_size
+    """Data-parallel replicas: world / (P × tensor) (the whole world where that does not divide it;
+    parallel.degrees.degree_problems says so)."""
+    split = max(parallel.pipeline_stages, 1) * max(parallel.tensor, 1)
+    return world_size // split if world_size % split == 0 else world_size
 
 
 def pipeline_problems(ds_config: dict[str, Any], parallel: ParallelConfig, model: ModelConfig, world_size: int) -> list[str]:

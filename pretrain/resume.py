@@ -154,10 +154,17 @@ def plan(config, data_parallel_size: int, zero_stage: int) -> ResumePoint | None
     if saved_stages != config.parallel.pipeline_stages:
         raise LmforgeError(f"{folder}: written with parallel.pipeline_stages = {saved_stages}, the config says "
                            f"{config.parallel.pipeline_stages}; resume with the stages it was saved with")
+    saved_tensor = record.get("tensor_parallel", 1)
+    if saved_tensor != config.parallel.tensor:
+        raise LmforgeError(f"{folder}: written with parallel.tensor = {saved_tensor}, the config says "
+                           f"{config.parallel.tensor}; resume with the tensor degree it was saved with")
     load_dir = None
     if universal_checkpoint.needs_universal(record, data_parallel_size, zero_stage, folder):
         if saved_stages > 1:
             raise LmforgeError(f"{folder}: a pipelined checkpoint of {record['data_parallel_size']} data-parallel replicas "
+                               f"cannot be resumed on {data_parallel_size}; resume on as many replicas")
+        if saved_tensor > 1:  # DeepSpeed's universal conversion of AutoTP shards is not verified in lmforge
+            raise LmforgeError(f"{folder}: a tensor-parallel checkpoint of {record['data_parallel_size']} data-parallel replicas "
                                f"cannot be resumed on {data_parallel_size}; resume on as many replicas")
         load_dir = universal_checkpoint.universal_copy(folder)
     return ResumePoint(tag, record, load_dir)
@@ -166,7 +173,8 @@ def plan(config, data_parallel_size: int, zero_stage: int) -> ResumePoint | None
 def record_for(config, global_batch: int) -> dict[str, Any]:
     """What the trainer adds to each checkpoint's COMPLETE record, for these checks."""
     return {"model": _plain(config_to_dict(config.model)), "global_batch": global_batch, "seed": config.train.seed,
-            "pipeline_stages": config.parallel.pipeline_stages, "decay_embeddings": config.train.decay_embeddings,
+            "pipeline_stages": config.parallel.pipeline_stages, "tensor_parallel": config.parallel.tensor,
+            "decay_embeddings": config.train.decay_embeddings,
             **data_identity(config.data)}
 
 

@@ -4,7 +4,8 @@ preflight` and, through preflight, launch/deepspeed.sh and launch/slurm/*.
 `check_launch` judges a pretraining config for a world size: the data (manifests, checksums, one
 tokenizer, its vocabulary against the manifest's and model.vocab_size, shards readable as training
 reads them), DeepSpeed's JSON (`pretrain.ds_json_checks`: keys, types, ranges, offload; then the
-merge with our YAML for the world size), whether run.dir can be made and written (without making
+merge with our YAML for the world size), the parallel degrees against the world and the model
+(`parallel.degrees.degree_problems`), whether run.dir can be made and written (without making
 it) and whether its disk has room for the checkpoints that will be on it at once. It collects
 every problem (one line each) and never writes anything; `raise_problems` turns them into one
 LmforgeError whose lines `run_cli` prints as `error: ...` each. Only the caller, once no problem
@@ -97,7 +98,9 @@ def _data_vocab(data: DataConfig, verify: bool, found: LaunchCheck) -> int | Non
 
 def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchCheck) -> None:
     from lmforge.distributed import bf16_supported
-    from pretrain.ds_config import build_deepspeed_config, read_deepspeed_json
+    from parallel.degrees import degree_problems
+    from parallel.tensor import tensor_parallel_json_problems, with_tensor_parallel
+    from pretrain.ds_config import build_deepspeed_config, read_deepspeed_json, zero_stage_of
     from pretrain.ds_json_checks import deepspeed_json_problems, precision_problems
     from pretrain.pipeline import configure_pipeline, data_parallel_size
 
@@ -110,12 +113,16 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
     problems = deepspeed_json_problems(raw, path)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     problems += precision_problems(raw, path, gpu, bf16_supported())
+    problems += tensor_parallel_json_problems(raw, config.parallel.tensor, str(path))
+    if world_size is not None:
+        problems += degree_problems(config.parallel, world_size, config.model, config.train.seq_len, zero_stage_of(raw))
     found.problems += problems
     if problems or world_size is None:
         return
     try:
         ds_config = build_deepspeed_config(path, config.train, data_parallel_size(config.parallel, world_size), bf16_supported())
-        found.ds_config = configure_pipeline(ds_config, config.parallel, config.model, world_size)
+        ds_config = configure_pipeline(ds_config, config.parallel, config.model, world_size)
+        found.ds_config = with_tensor_parallel(ds_config, config.parallel.tensor)
     except LmforgeError as err:
         found.problems += str(err).splitlines()
 

@@ -1,6 +1,7 @@
 """A run's trained weights for eval and export: merged from any ZeRO stage and checked against config.yaml.
 
-ZeRO 1-3 checkpoints are merged by DeepSpeed's zero_to_fp32 through
+A tensor-parallel checkpoint (parallel/tensor.py) has one module-states file per tensor rank; their
+shards are joined back into whole matrices. ZeRO 1-3 checkpoints are merged by DeepSpeed's zero_to_fp32 through
 `pretrain.checkpoint.consolidated_state_dict`. A ZeRO-0 checkpoint has no optimizer shards and
 zero_to_fp32 cannot read it, but its `mp_rank_00_model_states.pt` holds the whole module (what
 DeepSpeed itself loads): in fp32 (fp32 or autocast training) that is the model; under DeepSpeed's
@@ -30,6 +31,8 @@ from pretrain.pipeline_checkpoint import is_pipeline_checkpoint, pipeline_state_
 from pretrain.run_dir import run_model_config
 
 MODULE_STATES = "mp_rank_00_model_states.pt"
+TENSOR_RANK_1_STATES = "mp_rank_01_model_states.pt"
+"""Only a tensor-parallel checkpoint has it: DeepSpeed writes one module-states file per tensor rank."""
 
 
 def _resolve_tag(run_dir: Path, step: int | None) -> str:
@@ -91,6 +94,21 @@ def _zero0_module_state(folder: Path, model: ModelConfig) -> dict[str, torch.Ten
     return masters if masters is not None else {k: v.float() for k, v in module.items()}
 
 
+def _tensor_parallel_module_state(folder: Path) -> dict[str, torch.Tensor]:
+    """A tensor-parallel run's weights: every tensor rank's module states (mp_rank_XX, each DeepSpeed's
+    own file for that rank's shards) joined along the split dimensions (parallel.tensor.merge_tensor_shards).
+    The module is the model's fp32 weights in fp32 or autocast training (16-bit under DeepSpeed's bf16 mode)."""
+    from parallel.tensor import merge_tensor_shards
+
+    shards = []
+    for path in sorted(folder.glob("mp_rank_*_model_states.pt")):
+        try:
+            shards.append(torch.load(path, map_location="cpu", weights_only=True)["module"])
+        except Exception as err:  # a truncated or foreign file: pickle, zip and key errors alike
+            raise LmforgeError(f"{path}: unreadable DeepSpeed model states ({type(err).__name__}: {err})") from None
+    return {k: v.float() for k, v in merge_tensor_shards(shards).items()}
+
+
 def run_state_dict(run_dir: Path, step: int | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """fp32 weights of the run's checkpoint at `step` (None: latest), and its tag."""
     run_dir = Path(run_dir)
@@ -98,7 +116,9 @@ def run_state_dict(run_dir: Path, step: int | None = None) -> tuple[dict[str, to
     folder = checkpoint.checkpoints_dir(run_dir) / tag
     if is_pipeline_checkpoint(folder):
         return pipeline_state_dict_to_model(folder), tag
-    if not any(folder.glob("*optim_states.pt")):
+    if (folder / TENSOR_RANK_1_STATES).is_file():
+        state = _tensor_parallel_module_state(folder)
+    elif not any(folder.glob("*optim_states.pt")):
         state = _zero0_module_state(folder, run_model_config(run_dir))
     else:
         state, tag = checkpoint.consolidated_state_dict(run_dir, tag)
