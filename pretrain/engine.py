@@ -38,7 +38,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddin
 
 
 def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool,
-                 decay_embeddings: bool = False, guard_clips: bool = False, compile_scope: str = "model"):
+                 decay_embeddings: bool = False, guard_clips: bool = False, compile_scope: str = "model", mpu=None):
     """Returns the DeepSpeed engine (optimizer and WarmupCosineLR scheduler from the JSON).
 
     The model is compiled in place before DeepSpeed wraps it: measured faster than
@@ -50,6 +50,7 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     `guard_clips`: the caller steps through pretrain.guarded_step.GuardedStep, which at ZeRO-0 with the
     device guard (pretrain.ds_config.guards_on_device) clips to the JSON's gradient_clipping itself,
     so DeepSpeed's clipping is off.
+    `mpu`: the process groups of parallelism applied to the model (parallel/sequence.py's UlyssesGroups).
     """
     if pipeline_stages_of(ds_config) > 1:
         return _build_pipeline_engine(model, ds_config, weight_decay, compile_model, decay_embeddings)
@@ -62,7 +63,7 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     if compile_model and not deepcompile:
         compile_in_place(model, compile_scope)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=parameter_groups(model, weight_decay, decay_embeddings), config=ds_config
+        model=model, model_parameters=parameter_groups(model, weight_decay, decay_embeddings), config=ds_config, mpu=mpu
     )
     if compile_model and deepcompile:
         engine.compile()

@@ -170,9 +170,10 @@ def pipeline_stages_of(ds_config: dict[str, Any]) -> int:
 
 
 def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
-    """Data-parallel replicas: world / P (the whole world where P does not divide it; the checks say so)."""
-    stages = max(parallel.pipeline_stages, 1)
-    return world_size // stages if world_size % stages == 0 else world_size
+    """Data-parallel replicas: world / (P × sequence degree) (the whole world where that does not divide it;
+    the checks say so). Ranks of one sequence-parallel group read the same samples."""
+    others = max(parallel.pipeline_stages, 1) * max(parallel.sequence, 1)
+    return world_size // others if world_size % others == 0 else world_size
 
 
 def pipeline_problems(ds_config: dict[str, Any], parallel: ParallelConfig, model: ModelConfig, world_size: int) -> list[str]:
