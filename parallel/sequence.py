@@ -22,6 +22,25 @@ import torch.distributed as dist
 from torch import nn
 
 
+def sequence_parallel_problems(parallel, zero_stage: int, ds_json: str) -> list[str]:
+    """What sequence parallelism cannot run with yet, one line each (nothing for parallel.sequence = 1).
+
+    ZeRO-3 under an mpu partitions the weights over the data-parallel group but reduces gradients over
+    data × sequence (DeepSpeed 0.19.8): measured wrong gradients, so it is refused. The shape checks
+    (P divides train.seq_len and the kv heads) are parallel/degrees.py's.
+    """
+    if parallel.sequence <= 1:
+        return []
+    found = []
+    if zero_stage >= 3:
+        found.append(f"parallel.sequence = {parallel.sequence}: needs ZeRO stage 0, 1 or 2, but {ds_json} has "
+                     f"zero_optimization.stage = {zero_stage}; use ds_configs/zero2.json or set parallel.sequence = 1")
+    if parallel.pipeline_stages > 1:
+        found.append(f"parallel.sequence = {parallel.sequence}: cannot be combined with parallel.pipeline_stages = "
+                     f"{parallel.pipeline_stages} yet; set one of them to 1")
+    return found
+
+
 class UlyssesGroups:
     """The process groups DeepSpeed asks its `mpu` for under Ulysses (deepspeed/utils/groups.py).
 

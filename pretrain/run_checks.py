@@ -97,9 +97,10 @@ def _data_vocab(data: DataConfig, verify: bool, found: LaunchCheck) -> int | Non
 
 def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchCheck) -> None:
     from lmforge.distributed import bf16_supported
-    from pretrain.ds_config import build_deepspeed_config, read_deepspeed_json
+    from pretrain.ds_config import build_deepspeed_config, read_deepspeed_json, zero_stage_of
     from pretrain.ds_json_checks import deepspeed_json_problems, precision_problems
     from pretrain.pipeline import configure_pipeline, data_parallel_size
+    from parallel.sequence import sequence_parallel_problems
 
     path = resolve_repo_path(config.deepspeed.config)
     try:
@@ -110,6 +111,8 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
     problems = deepspeed_json_problems(raw, path)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     problems += precision_problems(raw, path, gpu, bf16_supported())
+    if not problems:  # the stage is read from a JSON that passed its checks
+        problems += sequence_parallel_problems(config.parallel, zero_stage_of(raw), config.deepspeed.config)
     found.problems += problems
     if problems or world_size is None:
         return

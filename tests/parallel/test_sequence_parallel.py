@@ -14,7 +14,7 @@ from pretrain.run_weights import run_state_dict
 from tests.pretrain.test_resume_interrupted import deterministic_metrics, logged_steps, wait_for, worker_pids
 from tests.pretrain.training_runs import run_training, start_training
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 STEPS = 20
 LLAMA = {"model.arch": "llama", "model.n_kv_heads": 2}  # 4 query heads, 2 kv heads: one kv group per SP rank
@@ -27,6 +27,7 @@ def _same_global_batch(ranks_per_sequence_group: int, data_ranks: int) -> dict:
             "parallel.sequence": ranks_per_sequence_group}
 
 
+@slow
 def test_ulysses_sp2_and_sp2_times_dp2_give_the_single_rank_llama_losses_and_weights(shards, tmp_path):
     single = run_training(tmp_path / "single", shards, nproc=1, **LLAMA, **_same_global_batch(1, 1))
     sp2 = run_training(tmp_path / "sp2", shards, nproc=2, **LLAMA, **_same_global_batch(2, 1))
@@ -43,6 +44,7 @@ def test_ulysses_sp2_and_sp2_times_dp2_give_the_single_rank_llama_losses_and_wei
         torch.testing.assert_close(split[name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@slow
 def test_ulysses_sp2_gives_the_single_rank_gpt2_losses(shards, tmp_path):
     """GPT-2's learned position table is read at each slice's global offsets."""
     single = run_training(tmp_path / "single", shards, nproc=1, **GPT2, **_same_global_batch(1, 1))
@@ -51,6 +53,7 @@ def test_ulysses_sp2_gives_the_single_rank_gpt2_losses(shards, tmp_path):
     assert sp2 == pytest.approx(single, rel=1e-5)
 
 
+@slow
 def test_a_preempted_sp2_run_resumes_to_the_uninterrupted_runs_metrics(shards, tmp_path):
     settings = {**LLAMA, **_same_global_batch(2, 1), "train.max_steps": 10, "train.save_interval": 3}
     run_training(tmp_path / "reference", shards, nproc=2, **settings)
@@ -67,3 +70,17 @@ def test_a_preempted_sp2_run_resumes_to_the_uninterrupted_runs_metrics(shards, t
 
     run_training(run_dir, shards, nproc=2, **settings)
     assert deterministic_metrics(run_dir) == expected
+
+
+@pytest.mark.parametrize("stage, stages, expected", [
+    (2, 1, []),
+    (3, 1, ["parallel.sequence = 2: needs ZeRO stage 0, 1 or 2, but ds.json has zero_optimization.stage = 3; "
+            "use ds_configs/zero2.json or set parallel.sequence = 1"]),
+    (1, 2, ["parallel.sequence = 2: cannot be combined with parallel.pipeline_stages = 2 yet; set one of them to 1"]),
+])
+def test_sequence_parallelism_refuses_zero3_and_pipelines_by_name(stage, stages, expected):
+    from parallel.config import ParallelConfig
+    from parallel.sequence import sequence_parallel_problems
+
+    assert sequence_parallel_problems(ParallelConfig(sequence=2, pipeline_stages=stages), stage, "ds.json") == expected
+    assert sequence_parallel_problems(ParallelConfig(sequence=1, pipeline_stages=stages), 3, "ds.json") == []
