@@ -3,6 +3,7 @@ a sequence split over 2 ranks, alone and times 2 data-parallel replicas, trains 
 does; a preempted SP run resumes exactly; its checkpoint exports as a plain model's."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -21,6 +22,11 @@ LLAMA = {"model.arch": "llama", "model.n_kv_heads": 2}  # 4 query heads, 2 kv he
 GPT2 = {"model.arch": "gpt2", "model.n_kv_heads": "null"}
 
 
+def _val_loss(run_dir) -> float:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [line["val_loss"] for line in lines if "val_loss" in line][-1]
+
+
 def _same_global_batch(ranks_per_sequence_group: int, data_ranks: int) -> dict:
     """micro 2 × accumulation × data ranks = 4 sequences per step in every layout."""
     return {"train.max_steps": STEPS, "train.micro_batch_size": 2, "train.grad_accum_steps": 2 // data_ranks,
@@ -35,6 +41,7 @@ def test_ulysses_sp2_and_sp2_times_dp2_give_the_single_rank_llama_losses_and_wei
     assert len(single) == STEPS and single[-1] < single[0] - 0.3
     assert sp2 == pytest.approx(single, rel=1e-5)
     assert sp2_dp2 == pytest.approx(single, rel=1e-5)
+    assert _val_loss(tmp_path / "sp2") == pytest.approx(_val_loss(tmp_path / "single"), rel=1e-5)  # the same eval batches
     # Weights are replicated over the sequence group: the SP run's checkpoint exports as a plain one.
     plain, _ = run_state_dict(tmp_path / "single")
     split, tag = run_state_dict(tmp_path / "sp2")
