@@ -90,7 +90,7 @@ def model_parameters(model: torch.nn.Module) -> int:
 
 
 def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool,
-                 decay_embeddings: bool = False, guard_clips: bool = False, compile_scope: str = "model"):
+                 decay_embeddings: bool = False, guard_clips: bool = False, compile_scope: str = "model", mpu=None):
     """Returns the DeepSpeed engine (optimizer and WarmupCosineLR scheduler from the JSON).
 
     The model is compiled in place before DeepSpeed wraps it: measured faster than
@@ -102,6 +102,7 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     `guard_clips`: the caller steps through pretrain.guarded_step.GuardedStep, which at ZeRO-0 with the
     device guard (pretrain.ds_config.guards_on_device) clips to the JSON's gradient_clipping itself,
     so DeepSpeed's clipping is off.
+    `mpu`: the process groups of parallelism applied to the model (parallel/sequence.py's UlyssesGroups).
     """
     if pipeline_stages_of(ds_config) > 1:
         return _build_pipeline_engine(model, ds_config, weight_decay, compile_model, decay_embeddings)
@@ -115,7 +116,8 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
         compile_in_place(model, compile_scope)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, weight_decay, decay_embeddings), config=ds_config,
-        mpu=tensor_parallel_groups(ds_config),  # AutoTP (parallel/tensor.py) splits the layers inside initialize
+        # Ulysses' groups (parallel/sequence.py), else AutoTP's (parallel/tensor.py): the checks allow one of them
+        mpu=mpu if mpu is not None else tensor_parallel_groups(ds_config),
     )
     if compile_model and deepcompile:
         engine.compile()

@@ -147,6 +147,21 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+class AttentionCore(nn.Module):
+    """softmax(q kᵀ / √d) v on [B, heads, T, head_dim]; each kv head serves a group of query heads (GQA).
+
+    Its own module so that parallelism applied from outside (parallel/sequence.py) can swap it;
+    group sizes come from the tensors, so it works on any rank's share of the heads.
+    """
+
+    def forward(self, q, k, v, mask: torch.Tensor | None, is_causal: bool, dropout_p: float) -> torch.Tensor:
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head across a group
+            repeat = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -158,6 +173,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_heads * hd, config.d_model, bias=bias)
         self.o_proj.residual_projection = True
         self.dropout = config.dropout
+        self.core = AttentionCore()
 
     def forward(self, x, rope, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """mask: None (causal), or a boolean [B, 1, T, keys] of what each query may attend to."""
@@ -173,14 +189,7 @@ class Attention(nn.Module):
         if cache is not None:
             causal = cache.length == 0  # a prefill is causal; one new token attends to all before it
             k, v = cache.update(self.layer, k, v)
-        if c.kv_heads != c.n_heads:  # grouped-query attention: share each kv head across a group
-            repeat = c.n_heads // c.kv_heads  # the same ratio on every tensor-parallel rank
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and causal and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        y = self.core(q, k, v, mask, mask is None and causal and T > 1, self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -262,15 +271,18 @@ class Transformer(nn.Module):
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # per-row positions [B, 1, T, D]
 
     def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                      attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                      position_offset: int = 0) -> torch.Tensor:
         """Final-normed hidden states [B, T, d_model] (the input of the LM head and of value/reward heads).
 
         attention_mask [B, cache length + T], true at real tokens: padding is never attended to and
         positions count real tokens only, so a left-padded row computes what it would unpadded.
         segment_ids [B, T] (no cache): packed examples, each a run of one id, attend only within
         themselves and their positions restart, so a packed row computes what each example would alone.
+        position_offset (no cache): the position of tokens[:, 0] in its sequence, for a rank that holds a
+        slice of it (sequence parallelism).
         """
-        start = cache.length if cache is not None else 0
+        start = cache.length if cache is not None else position_offset
         T = tokens.shape[1]
         positions, mask = None, None
         if segment_ids is not None:
@@ -303,8 +315,9 @@ class Transformer(nn.Module):
         return self.lm_head(hidden)[..., : self.config.vocab_size]
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None):
-        hidden = self.hidden_states(tokens, cache, attention_mask, segment_ids)
+                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                position_offset: int = 0):
+        hidden = self.hidden_states(tokens, cache, attention_mask, segment_ids, position_offset)
         if targets is None:
             return self.logits(hidden)
         return token_cross_entropy(self.lm_head(hidden), targets).mean()

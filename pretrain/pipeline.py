@@ -170,9 +170,10 @@ def pipeline_stages_of(ds_config: dict[str, Any]) -> int:
 
 
 def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
-    """Data-parallel replicas: world / (P × tensor) (the whole world where that does not divide it;
-    parallel.degrees.degree_problems says so)."""
-    split = max(parallel.pipeline_stages, 1) * max(parallel.tensor, 1)
+    """Data-parallel replicas: world / (P × tensor × sequence degrees) (the whole world where that does
+    not divide it; parallel.degrees.degree_problems says so). Ranks of one tensor- or sequence-parallel
+    group read the same samples."""
+    split = max(parallel.pipeline_stages, 1) * max(parallel.tensor, 1) * max(parallel.sequence, 1)
     return world_size // split if world_size % split == 0 else world_size
 
 

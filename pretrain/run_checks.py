@@ -99,6 +99,7 @@ def _data_vocab(data: DataConfig, verify: bool, found: LaunchCheck) -> int | Non
 def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchCheck) -> None:
     from lmforge.distributed import bf16_supported
     from parallel.degrees import degree_problems
+    from parallel.sequence import sequence_parallel_problems
     from parallel.tensor import tensor_parallel_json_problems, with_tensor_parallel
     from pretrain.ds_config import build_deepspeed_config, read_deepspeed_json, zero_stage_of
     from pretrain.ds_json_checks import deepspeed_json_problems, precision_problems
@@ -116,6 +117,8 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
     problems += tensor_parallel_json_problems(raw, config.parallel.tensor, str(path))
     if world_size is not None:
         problems += degree_problems(config.parallel, world_size, config.model, config.train.seq_len, zero_stage_of(raw))
+    if not problems:  # the stage is read from a JSON that passed its checks
+        problems += sequence_parallel_problems(config.parallel, zero_stage_of(raw), config.deepspeed.config)
     found.problems += problems
     if problems or world_size is None:
         return

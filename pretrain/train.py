@@ -74,9 +74,14 @@ class Trainer:
             ds_config = with_universal_loading(ds_config)
         torch.manual_seed(train.seed)
         self.model = build_model(self.config.model, ds_config)
+        mpu = None
+        if self.config.parallel.sequence > 1:
+            from parallel.sequence import apply_sequence_parallel
+
+            mpu = apply_sequence_parallel(self.model, self.config.parallel.sequence)
         on_device = guards_on_device(ds_config)
         self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile, train.decay_embeddings,
-                                   guard_clips=on_device, compile_scope=train.compile_scope)
+                                   guard_clips=on_device, compile_scope=train.compile_scope, mpu=mpu)
         dp_rank, dp_size = data_parallel_position(self.engine)
         self.data = TrainingData(self.config.data, train.seq_len, train.seed, dp_rank, dp_size)
         self.global_batch = train.micro_batch_size * train.grad_accum_steps * dp_size
