@@ -280,8 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if distributed.is_main():
             cfg = run.config
+            params = f"{run_checks.parameter_count(cfg.model) / 1e6:.2f}M params"
+            if cfg.model.n_experts:
+                params += f", {trainer.model.active_params() / 1e6:.2f}M active"
             print(
-                f"training {cfg.model.arch} ({run_checks.parameter_count(cfg.model) / 1e6:.2f}M params) on {info.world_size} "
+                f"training {cfg.model.arch} ({params}) on {info.world_size} "
                 f"rank(s), {info.device.type}, ZeRO-{zero_stage_of(run.ds_config)}, {precision_of(run.ds_config)}, "
                 f"run dir {cfg.run.dir}",
                 flush=True,
