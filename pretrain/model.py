@@ -383,7 +383,7 @@ class Transformer(nn.Module):
         c = self.config
         if not c.n_experts:
             return self.num_params()
-        expert = sum(p.numel() for p in self.blocks[0].mlp.experts[0].parameters())
+        expert = 3 * c.d_model * c.hidden_dim + (2 * c.hidden_dim + c.d_model if c.use_bias else 0)
         return self.num_params() - c.n_layers * (c.n_experts - c.experts_per_token) * expert
 
     def flops_per_token(self, seq_len: int) -> float:
