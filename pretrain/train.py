@@ -20,12 +20,13 @@ from lmforge.config import save_config
 from lmforge.distributed import launcher_world_size
 from lmforge.errors import run_cli
 from lmforge.run_layout import config_path
+from parallel.experts import apply_expert_parallel
 from pretrain import checkpoint, console, faults, resume, run_checks
 from pretrain.config import PretrainConfig, load_pretrain_config
 from pretrain.ds_config import guards_on_device, precision_of, with_universal_loading, zero_stage_of
 from pretrain.guarded_step import GuardedStep, PendingStep
-from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation
-from pretrain.model import Transformer
+from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation, router_load_metrics
+from pretrain.model import Transformer, load_balancing_loss
 from pretrain.pipeline import data_parallel_size, pipeline_metrics
 from pretrain.preemption import PreemptionSignals
 from pretrain.rank_batches import BatchPrefetcher, TrainingData
@@ -75,6 +76,8 @@ class Trainer:
             ds_config = with_universal_loading(ds_config)
         torch.manual_seed(train.seed)
         self.model = Transformer(self.config.model)
+        if self.config.parallel.expert > 1:  # experts sharded by DeepSpeed's MoE layers (parallel/experts.py)
+            apply_expert_parallel(self.model.blocks, self.config.parallel.expert, load_balancing_loss)
         on_device = guards_on_device(ds_config)
         self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile, train.decay_embeddings,
                                    guard_clips=on_device, compile_scope=train.compile_scope)
@@ -230,6 +233,7 @@ class Trainer:
             "mfu": model_flops_utilisation(tokens_per_second, self.flops_per_token, self.info.device, self.info.world_size),
             "memory_gb": memory_gb(self.info.device),
             "skipped_steps": int(self.engine.skipped_steps),
+            **router_load_metrics(self.model.blocks),
         }
         loss_scale = _loss_scale(self.engine)
         if loss_scale is not None:

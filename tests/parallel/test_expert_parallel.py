@@ -1,0 +1,39 @@
+"""Expert parallelism (parallel/experts.py): real 2-rank torchrun runs on gloo, tiny MoE, fp32."""
+import json
+
+import pytest
+
+from tests.pretrain.training_runs import run_training
+
+pytestmark = pytest.mark.slow
+
+MOE = {"model.n_experts": 4, "model.experts_per_token": 2, "model.d_ff": 48, "train.max_steps": 20}
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def plain_and_expert_parallel_runs(tiny_corpus_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("expert_parallel")
+    shards = tiny_corpus_shards.shard_dir
+    plain = run_training(root / "ep1", shards, nproc=2, **MOE)
+    sharded = run_training(root / "ep2", shards, nproc=2, **MOE, **{"parallel.expert": 2})
+    return root, shards, plain, sharded
+
+
+def test_expert_parallel_2_matches_plain_moe_losses_for_20_steps(plain_and_expert_parallel_runs):
+    _, _, plain, sharded = plain_and_expert_parallel_runs
+    assert len(plain) == 20 and plain[-1] < plain[0]
+    assert sharded == pytest.approx(plain, rel=1e-5)
+
+
+def test_router_load_balance_is_in_the_metrics(plain_and_expert_parallel_runs):
+    root, _, _, _ = plain_and_expert_parallel_runs
+    for run in ("ep1", "ep2"):
+        last = [record for record in _metrics(root / run) if "loss" in record][-1]
+        assert 1.9 < last["router_aux_loss"] < 4.0  # experts_per_token (2) when balanced, at most n_experts
+        assert 1.0 <= last["expert_load_max_over_mean"] <= 4.0
+        assert last["expert_load_max_over_mean"] == max(last["expert_load_max_over_mean_layer0"],
+                                                        last["expert_load_max_over_mean_layer1"])
