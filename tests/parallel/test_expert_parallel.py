@@ -37,3 +37,14 @@ def test_router_load_balance_is_in_the_metrics(plain_and_expert_parallel_runs):
         assert 1.0 <= last["expert_load_max_over_mean"] <= 4.0
         assert last["expert_load_max_over_mean"] == max(last["expert_load_max_over_mean_layer0"],
                                                         last["expert_load_max_over_mean_layer1"])
+
+
+def test_expert_degree_problems_name_the_key_value_and_what_fits():
+    from parallel.experts import expert_parallel_problems
+
+    assert expert_parallel_problems(2, 4, 2, 1, 1) == []
+    assert expert_parallel_problems(1, 0, 1, 3, 1) == []
+    text = "\n".join(expert_parallel_problems(3, 4, 2, 3, 2))
+    assert "must divide model.n_experts = 4" in text and "2 data-parallel ranks" in text
+    assert "ZeRO-3" in text and "pipeline_stages = 2" in text
+    assert "has no experts" in expert_parallel_problems(2, 0, 2, 1, 1)[0]
