@@ -1,5 +1,6 @@
 """Expert parallelism (parallel/experts.py): real 2-rank torchrun runs on gloo, tiny MoE, fp32."""
 import json
+import shutil
 
 import pytest
 
@@ -19,7 +20,7 @@ def plain_and_expert_parallel_runs(tiny_corpus_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("expert_parallel")
     shards = tiny_corpus_shards.shard_dir
     plain = run_training(root / "ep1", shards, nproc=2, **MOE)
-    sharded = run_training(root / "ep2", shards, nproc=2, **MOE, **{"parallel.expert": 2})
+    sharded = run_training(root / "ep2", shards, nproc=2, **MOE, **{"parallel.expert": 2, "train.save_interval": 10})
     return root, shards, plain, sharded
 
 
@@ -48,3 +49,14 @@ def test_expert_degree_problems_name_the_key_value_and_what_fits():
     assert "must divide model.n_experts = 4" in text and "2 data-parallel ranks" in text
     assert "ZeRO-3" in text and "pipeline_stages = 2" in text
     assert "has no experts" in expert_parallel_problems(2, 0, 2, 1, 1)[0]
+
+
+def test_expert_parallel_run_resumes_exactly(plain_and_expert_parallel_runs):
+    root, shards, _, sharded = plain_and_expert_parallel_runs
+    resumed = root / "ep2_resumed"
+    shutil.copytree(root / "ep2", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000020")  # back to the step-10 checkpoint
+    (resumed / "checkpoints" / "latest").write_text("step_00000010")
+    losses = run_training(resumed, shards, nproc=2, **MOE, **{"parallel.expert": 2, "train.save_interval": 10})
+    assert len(losses) == 20
+    assert losses[10:] == sharded[10:]
