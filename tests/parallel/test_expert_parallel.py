@@ -3,6 +3,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from tests.pretrain.training_runs import run_training
 
@@ -60,3 +61,17 @@ def test_expert_parallel_run_resumes_exactly(plain_and_expert_parallel_runs):
     losses = run_training(resumed, shards, nproc=2, **MOE, **{"parallel.expert": 2, "train.save_interval": 10})
     assert len(losses) == 20
     assert losses[10:] == sharded[10:]
+
+
+def test_expert_parallel_checkpoint_reads_as_the_plain_model_trained_without_it(plain_and_expert_parallel_runs):
+    from pretrain.run_dir import run_model_config
+    from pretrain.run_weights import lm_state_dict
+
+    root, _, _, _ = plain_and_expert_parallel_runs
+    model = run_model_config(root / "ep1")
+    plain, _ = lm_state_dict(root / "ep1", model)
+    converted, tag = lm_state_dict(root / "ep2", model)  # checked against the plain Transformer's names and shapes
+    assert tag == "step_00000020" and converted.keys() == plain.keys()
+    assert "blocks.1.mlp.experts.3.down_proj.weight" in converted
+    for name in plain:
+        torch.testing.assert_close(converted[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
