@@ -83,11 +83,14 @@ def apply_expert_parallel(blocks: nn.ModuleList, expert_degree: int, load_balanc
 
 def expert_parallel_problems(expert: int, n_experts: int, data_parallel: int | None, zero_stage: int,
                              pipeline_stages: int) -> list[str]:
-    """Why `parallel.expert` cannot run with this model and launch (empty when it can).
+    """Why `parallel.expert` (or a mixture of experts at all) cannot run with this model and launch (empty when it can).
     data_parallel: the data-parallel replicas (None: world size unknown yet)."""
-    if expert == 1:
-        return []
     found = []
+    if n_experts and pipeline_stages > 1:  # the pipeline's loss function sees only logits, not the routers
+        found.append(f"parallel.pipeline_stages = {pipeline_stages}: a mixture of experts (model.n_experts = {n_experts}) "
+                     "is not supported with pipelines (the load-balancing loss would be dropped); use 1")
+    if expert == 1:
+        return found
     if not n_experts:
         found.append(f"parallel.expert = {expert}: the model has no experts; set model.n_experts or parallel.expert = 1")
     elif n_experts % expert:
@@ -96,6 +99,6 @@ def expert_parallel_problems(expert: int, n_experts: int, data_parallel: int | N
         found.append(f"parallel.expert = {expert}: must divide the {data_parallel} data-parallel ranks (experts are spread over them)")
     if zero_stage == 3:
         found.append(f"parallel.expert = {expert}: DeepSpeed's MoE layers do not support ZeRO-3; use a ZeRO-0/1/2 deepspeed.config")
-    if pipeline_stages > 1:
+    if pipeline_stages > 1 and not n_experts:
         found.append(f"parallel.expert = {expert}: not supported with parallel.pipeline_stages = {pipeline_stages}")
     return found

@@ -50,6 +50,7 @@ def test_expert_degree_problems_name_the_key_value_and_what_fits():
     assert "must divide model.n_experts = 4" in text and "2 data-parallel ranks" in text
     assert "ZeRO-3" in text and "pipeline_stages = 2" in text
     assert "has no experts" in expert_parallel_problems(2, 0, 2, 1, 1)[0]
+    assert "not supported with pipelines" in expert_parallel_problems(1, 4, 2, 1, 2)[0]
 
 
 def test_expert_parallel_run_resumes_exactly(plain_and_expert_parallel_runs):

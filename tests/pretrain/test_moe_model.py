@@ -70,3 +70,23 @@ def test_bad_moe_fields_are_named_in_problems():
     problems = ModelConfig(n_experts=4, experts_per_token=5).problems() + ModelConfig(arch="gpt2", n_experts=1).problems()
     text = "\n".join(problems)
     assert "model.experts_per_token = 5" in text and "model.n_experts = 1" in text
+
+
+def test_activation_checkpointed_moe_blocks_give_the_same_router_gradients():
+    from functools import partial
+
+    import torch.utils.checkpoint
+
+    from pretrain.activation_checkpointing import CheckpointedBlock
+
+    torch.manual_seed(0)
+    plain, checkpointed = Transformer(MOE), Transformer(MOE)
+    checkpointed.load_state_dict(plain.state_dict())
+    for block in checkpointed.blocks:
+        block.__class__ = CheckpointedBlock
+        block.recompute = partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    tokens = torch.randint(0, 96, (2, 16))
+    for model in (plain, checkpointed):
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+    for a, b in zip(plain.blocks, checkpointed.blocks):
+        torch.testing.assert_close(b.mlp.router.weight.grad, a.mlp.router.weight.grad, rtol=1e-5, atol=1e-7)

@@ -67,3 +67,15 @@ def test_mixtral_config_and_weights_map_back_to_the_moe_model(exported_moe):
     state = from_hf(hf_state, back, list(ours), "export")
     assert state.keys() == ours.keys()
     assert all(torch.equal(state[k], ours[k]) for k in ours)
+
+
+def test_import_hf_of_the_mixtral_export_is_a_run_with_the_same_weights(exported_moe, tmp_path):
+    from run_tools import import_hf
+
+    run_dir, out, _, _ = exported_moe
+    model, _, _ = load_checked_model(run_dir)
+    assert import_hf.main(["--model", str(out), "--output", str(tmp_path / "imported")]) == 0
+    imported, config, _ = load_checked_model(tmp_path / "imported")
+    assert config.model.n_experts == 4
+    ours = model.state_dict()
+    assert all(torch.equal(imported.state_dict()[k], ours[k]) for k in ours)
