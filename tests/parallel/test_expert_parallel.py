@@ -62,6 +62,19 @@ def test_expert_parallel_run_resumes_exactly(plain_and_expert_parallel_runs):
     losses = run_training(resumed, shards, nproc=2, **MOE, **{"parallel.expert": 2, "train.save_interval": 10})
     assert len(losses) == 20
     assert losses[10:] == sharded[10:]
+    record = json.loads((resumed / "checkpoints" / "step_00000020" / "COMPLETE").read_text())
+    assert record["expert_parallel"] == 2
+
+
+def test_resuming_an_expert_parallel_checkpoint_with_another_degree_is_refused(plain_and_expert_parallel_runs):
+    from lmforge.errors import LmforgeError
+    from pretrain import resume
+    from pretrain.config import load_pretrain_config
+
+    root, _, _, _ = plain_and_expert_parallel_runs
+    config = load_pretrain_config(str(root / "ep2" / "config.yaml"), ["parallel.expert=1"])  # the run's own, but EP=1
+    with pytest.raises(LmforgeError, match="written with parallel.expert = 2, the config says 1"):
+        resume.plan(config, 2, 1)
 
 
 def test_expert_parallel_checkpoint_reads_as_the_plain_model_trained_without_it(plain_and_expert_parallel_runs):
