@@ -243,11 +243,14 @@ class MoEMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         probs, chosen, weights = self.route(flat)
+        # Group the (token, slot) routes by expert: one host read of the per-expert counts per block.
+        order = chosen.reshape(-1).argsort(stable=True)
+        counts = torch.bincount(chosen.reshape(-1), minlength=self.n_experts).tolist()
         out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == e)
-            if token.numel():
-                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None].to(flat.dtype))
+        for expert, routes in zip(self.experts, order.split(counts)):
+            if routes.numel():
+                token = routes // self.top_k
+                out.index_add_(0, token, expert(flat[token]) * weights.reshape(-1)[routes, None].to(flat.dtype))
         self.aux_loss, self.expert_load = load_balancing_loss(probs, chosen)
         return out.view_as(x)
 
