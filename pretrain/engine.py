@@ -32,9 +32,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddin
             decay.append(param)
         else:
             no_decay.append(param)
+    # Named: DeepSpeed splits each group into dense and expert-parallel parts by name (MoE layers).
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
 
 

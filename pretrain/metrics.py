@@ -40,6 +40,20 @@ def model_flops_utilisation(tokens_per_second: float, flops_per_token: float, de
     return None if peak is None else tokens_per_second * flops_per_token / (peak * ranks)
 
 
+def router_load_metrics(blocks) -> dict[str, float]:
+    """Load balance of the MoE blocks' last forward (this rank's last micro-batch): the mean
+    load-balancing loss (experts_per_token when balanced) and, per block and worst of all, the
+    busiest expert's tokens over the mean (1 when balanced). Empty for a dense model."""
+    loads = [block.mlp.expert_load for block in blocks if getattr(block.mlp, "expert_load", None) is not None]
+    if not loads:
+        return {}
+    ratios = (torch.stack(loads) / torch.stack(loads).mean(-1, keepdim=True).clamp(min=1e-9)).amax(-1).tolist()
+    aux = torch.stack([block.mlp.aux_loss.detach().float() for block in blocks if getattr(block.mlp, "aux_loss", None) is not None])
+    record = {"router_aux_loss": float(aux.mean()), "expert_load_max_over_mean": max(ratios)}
+    record.update({f"expert_load_max_over_mean_layer{i}": ratio for i, ratio in enumerate(ratios)})
+    return record
+
+
 class MetricsWriter:
     """Appends metric lines on the main rank; a resumed run first drops lines past its checkpoint."""
 

@@ -46,6 +46,12 @@ class ModelConfig:
     """Dropout on attention output and MLP output (0 for pretraining at scale)."""
     init_std: float = 0.02
     """Standard deviation of the normal init; residual projections get it / sqrt(2 * n_layers)."""
+    n_experts: int = 0
+    """Mixture of experts: SwiGLU experts per block (Mixtral); 0 means a dense MLP."""
+    experts_per_token: int = 2
+    """Experts each token is routed to (top-k of the router's softmax, weights renormalised)."""
+    router_aux_loss_coef: float = 0.01
+    """Weight of the load-balancing loss (Mixtral's, mean over MoE blocks) added to the training loss."""
 
     @property
     def kv_heads(self) -> int:
@@ -90,6 +96,14 @@ class ModelConfig:
                 found.append(f"model.{key} = {getattr(self, key)}: must be at least 1")
         if self.vocab_size is not None and self.vocab_size < 2:
             found.append(f"model.vocab_size = {self.vocab_size}: must be at least 2 (or null for the data's)")
+        if self.n_experts < 0 or self.n_experts == 1:
+            found.append(f"model.n_experts = {self.n_experts}: must be 0 (dense) or at least 2")
+        if self.n_experts and self.arch != "llama":
+            found.append(f"model.n_experts = {self.n_experts}: mixture of experts needs model.arch = llama (SwiGLU experts)")
+        if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+            found.append(f"model.experts_per_token = {self.experts_per_token}: must be in [1, model.n_experts = {self.n_experts}]")
+        if self.router_aux_loss_coef < 0:
+            found.append(f"model.router_aux_loss_coef = {self.router_aux_loss_coef}: must be at least 0")
         if not 0.0 <= self.dropout < 1.0:
             found.append(f"model.dropout = {self.dropout}: must be in [0, 1)")
         return found
@@ -213,13 +227,60 @@ class MLP(nn.Module):
         return self.dropout(self.down_proj(hidden))
 
 
+class MoEMLP(nn.Module):
+    """Mixtral's sparse block: a router picks experts_per_token SwiGLU experts per token.
+
+    Routing: softmax over all experts in fp32, top-k, the k weights renormalised to sum to 1; no
+    token is dropped (no capacity limit). After each forward `aux_loss` holds Mixtral's
+    load-balancing loss (n_experts * sum_e tokens_fraction_e * mean_prob_e; k when balanced) and
+    `expert_load` the tokens each expert received [n_experts] (for metrics).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = config.n_experts, config.experts_per_token
+        self.router = nn.Linear(config.d_model, config.n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_experts))
+        self.aux_loss: torch.Tensor | None = None
+        self.expert_load: torch.Tensor | None = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, d] -> (router probabilities [N, E] fp32, chosen experts [N, k], their weights [N, k])."""
+        probs = F.softmax(self.router(x).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        return probs, chosen, weights / weights.sum(-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        probs, chosen, weights = self.route(flat)
+        # Group the (token, slot) routes by expert: one host read of the per-expert counts per block.
+        order = chosen.reshape(-1).argsort(stable=True)
+        counts = torch.bincount(chosen.reshape(-1), minlength=self.n_experts).tolist()
+        out = torch.zeros_like(flat)
+        for expert, routes in zip(self.experts, order.split(counts)):
+            if routes.numel():
+                token = routes // self.top_k
+                out.index_add_(0, token, expert(flat[token]) * weights.reshape(-1)[routes, None].to(flat.dtype))
+        self.aux_loss, self.expert_load = load_balancing_loss(probs, chosen)
+        return out.view_as(x)
+
+
+def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's auxiliary loss of one block (HF load_balancing_loss_func for one layer) and the
+    tokens per expert: probs [N, E], chosen [N, k] -> (scalar, counts [E])."""
+    n_experts = probs.shape[-1]
+    counts = F.one_hot(chosen, n_experts).sum(dim=(0, 1)).to(probs.dtype)
+    loss = n_experts * (counts / chosen.shape[0] * probs.mean(0)).sum()
+    return loss, counts.detach()
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer)
         self.mlp_norm = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoEMLP(config) if config.n_experts else MLP(config)
 
     def forward(self, x, rope, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, cache, mask)
@@ -320,10 +381,27 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(tokens, cache, attention_mask, segment_ids, position_offset)
         if targets is None:
             return self.logits(hidden)
-        return token_cross_entropy(self.lm_head(hidden), targets).mean()
+        loss = token_cross_entropy(self.lm_head(hidden), targets).mean()
+        if self.config.n_experts and self.config.router_aux_loss_coef:
+            loss = loss + self.config.router_aux_loss_coef * self.router_aux_loss()
+        return loss
+
+    def router_aux_loss(self) -> torch.Tensor:
+        """Mean over MoE blocks of the load-balancing loss of the last forward (HF's Mixtral takes it
+        over all layers' tokens at once; a per-block mean is what DeepSpeed's MoE layers give)."""
+        losses = [block.mlp.aux_loss for block in self.blocks if getattr(block.mlp, "aux_loss", None) is not None]
+        return torch.stack(losses).mean()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def active_params(self) -> int:
+        """Parameters one token uses: all but the experts it is not routed to."""
+        c = self.config
+        if not c.n_experts:
+            return self.num_params()
+        expert = 3 * c.d_model * c.hidden_dim + (2 * c.hidden_dim + c.d_model if c.use_bias else 0)
+        return self.num_params() - c.n_layers * (c.n_experts - c.experts_per_token) * expert
 
     def flops_per_token(self, seq_len: int) -> float:
         return flops_per_token(self.config, seq_len)
@@ -338,10 +416,13 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
 
 
 def matmul_params(config: ModelConfig) -> int:
-    """Parameters that take part in matrix products per token (no embedding lookups, no norms)."""
+    """Parameters that take part in matrix products per token (no embedding lookups, no norms);
+    with experts, the active ones: the router and experts_per_token experts per block."""
     d, h, hd = config.d_model, config.hidden_dim, config.head_dim
     attn = d * config.n_heads * hd * 2 + d * config.kv_heads * hd * 2
     mlp = d * h * (3 if config.arch == "llama" else 2)
+    if config.n_experts:
+        mlp = mlp * config.experts_per_token + d * config.n_experts
     return config.n_layers * (attn + mlp) + d * config.padded_vocab_size
 
 

@@ -158,8 +158,15 @@ def plan(config, data_parallel_size: int, zero_stage: int) -> ResumePoint | None
     if saved_tensor != config.parallel.tensor:
         raise LmforgeError(f"{folder}: written with parallel.tensor = {saved_tensor}, the config says "
                            f"{config.parallel.tensor}; resume with the tensor degree it was saved with")
+    saved_experts = record.get("expert_parallel", 1)  # DeepSpeed's MoE layers save experts per rank layout
+    if saved_experts != config.parallel.expert:
+        raise LmforgeError(f"{folder}: written with parallel.expert = {saved_experts}, the config says "
+                           f"{config.parallel.expert}; resume with the expert degree it was saved with")
     load_dir = None
     if universal_checkpoint.needs_universal(record, data_parallel_size, zero_stage, folder):
+        if saved_experts > 1:
+            raise LmforgeError(f"{folder}: an expert-parallel checkpoint of {record['data_parallel_size']} data-parallel ranks "
+                               f"cannot be resumed on {data_parallel_size}; resume on as many ranks")
         if saved_stages > 1:
             raise LmforgeError(f"{folder}: a pipelined checkpoint of {record['data_parallel_size']} data-parallel replicas "
                                f"cannot be resumed on {data_parallel_size}; resume on as many replicas")
@@ -175,7 +182,7 @@ def record_for(config, global_batch: int) -> dict[str, Any]:
     return {"model": _plain(config_to_dict(config.model)), "global_batch": global_batch, "seed": config.train.seed,
             "pipeline_stages": config.parallel.pipeline_stages, "tensor_parallel": config.parallel.tensor,
             "decay_embeddings": config.train.decay_embeddings,
-            **data_identity(config.data)}
+            "expert_parallel": config.parallel.expert, **data_identity(config.data)}
 
 
 def check_decay_groups(record: dict[str, Any], train, folder: Path) -> None:

@@ -128,6 +128,13 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
         found.ds_config = with_tensor_parallel(ds_config, config.parallel.tensor)
     except LmforgeError as err:
         found.problems += str(err).splitlines()
+        return
+    from parallel.experts import expert_parallel_problems
+    from pretrain.ds_config import zero_stage_of
+
+    found.problems += expert_parallel_problems(config.parallel.expert, config.model.n_experts,
+                                               data_parallel_size(config.parallel, world_size),
+                                               zero_stage_of(found.ds_config), config.parallel.pipeline_stages)
 
 
 def _datasets(config: PretrainConfig, found: LaunchCheck) -> None:

@@ -14,7 +14,9 @@ Post-training runs read the same way (pretrain.run_dir reads their model section
 weights, for any run: run_tools.run_config.load_checked_model): SFT and DPO checkpoint
 the language model, PPO its actor (RUN_DIR/checkpoints; the critic is under RUN_DIR/critic/). A
 reward model (keys `lm.*`, `head.*`: a scalar head, not a causal LM) is refused with one line.
-A run trained with LoRA reads as its merged weights (pretrain.lora_weights).
+A run trained with LoRA reads as its merged weights (pretrain.lora_weights). An expert-parallel
+checkpoint (DeepSpeed MoE layers, one file per expert) reads as the plain MoE model's weights
+(pretrain.expert_checkpoint).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.run_layout import config_path
 from pretrain import checkpoint
+from pretrain.expert_checkpoint import expert_parallel_state_dict, is_expert_parallel_checkpoint
 from pretrain.lora_weights import has_lora, lora_scale, merge_lora
 from pretrain.model import ModelConfig, Transformer
 from pretrain.pipeline_checkpoint import is_pipeline_checkpoint, pipeline_state_dict_to_model
@@ -116,6 +119,8 @@ def run_state_dict(run_dir: Path, step: int | None = None) -> tuple[dict[str, to
     folder = checkpoint.checkpoints_dir(run_dir) / tag
     if is_pipeline_checkpoint(folder):
         return pipeline_state_dict_to_model(folder), tag
+    if is_expert_parallel_checkpoint(folder):
+        return expert_parallel_state_dict(folder), tag
     if (folder / TENSOR_RANK_1_STATES).is_file():
         state = _tensor_parallel_module_state(folder)
     elif not any(folder.glob("*optim_states.pt")):

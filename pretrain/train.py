@@ -20,11 +20,13 @@ from lmforge.config import save_config
 from lmforge.distributed import launcher_world_size
 from lmforge.errors import run_cli
 from lmforge.run_layout import config_path
+from parallel.experts import apply_expert_parallel
 from pretrain import checkpoint, console, faults, resume, run_checks
 from pretrain.config import PretrainConfig, load_pretrain_config
 from pretrain.ds_config import guards_on_device, precision_of, with_universal_loading, zero_stage_of
 from pretrain.guarded_step import GuardedStep, PendingStep
-from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation
+from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation, router_load_metrics
+from pretrain.model import load_balancing_loss
 from pretrain.pipeline import data_parallel_size, pipeline_metrics
 from pretrain.preemption import PreemptionSignals
 from pretrain.rank_batches import BatchPrefetcher, TrainingData
@@ -79,6 +81,8 @@ class Trainer:
             from parallel.sequence import apply_sequence_parallel
 
             mpu = apply_sequence_parallel(self.model, self.config.parallel.sequence)
+        if self.config.parallel.expert > 1:  # experts sharded by DeepSpeed's MoE layers (parallel/experts.py)
+            apply_expert_parallel(self.model.blocks, self.config.parallel.expert, load_balancing_loss)
         on_device = guards_on_device(ds_config)
         self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile, train.decay_embeddings,
                                    guard_clips=on_device, compile_scope=train.compile_scope, mpu=mpu)
@@ -234,6 +238,7 @@ class Trainer:
             "mfu": model_flops_utilisation(tokens_per_second, self.flops_per_token, self.info.device, self.info.world_size),
             "memory_gb": memory_gb(self.info.device),
             "skipped_steps": int(self.engine.skipped_steps),
+            **router_load_metrics(self.model.blocks),
         }
         loss_scale = _loss_scale(self.engine)
         if loss_scale is not None:
@@ -284,8 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if distributed.is_main():
             cfg = run.config
+            params = f"{run_checks.parameter_count(cfg.model) / 1e6:.2f}M params"
+            if cfg.model.n_experts:
+                params += f", {trainer.model.active_params() / 1e6:.2f}M active"
             print(
-                f"training {cfg.model.arch} ({run_checks.parameter_count(cfg.model) / 1e6:.2f}M params) on {info.world_size} "
+                f"training {cfg.model.arch} ({params}) on {info.world_size} "
                 f"rank(s), {info.device.type}, ZeRO-{zero_stage_of(run.ds_config)}, {precision_of(run.ds_config)}, "
                 f"run dir {cfg.run.dir}",
                 flush=True,

@@ -1,10 +1,13 @@
-"""What maps to what between lmforge's Transformer and HF's LlamaForCausalLM / GPT2LMHeadModel.
+"""What maps to what between lmforge's Transformer and HF's LlamaForCausalLM / MixtralForCausalLM / GPT2LMHeadModel.
 
 Three pure translations, each way: the config (`hf_config` / `model_config_from_hf`), and the
 weights (`to_hf` / `from_hf`). Llama is a rename: our RoPE already uses HF's rotate-half layout,
 so no q/k permutation is needed. GPT-2 also fuses q, k, v into `c_attn` and stores every linear
 layer as a Conv1D, whose weight is the transpose of nn.Linear's; HF's GPT-2 always has biases, so
-a bias-free model is written with zero biases. docs/interop.md has the full table.
+a bias-free model is written with zero biases. A llama with experts (model.n_experts > 0) is
+Mixtral: the router is `block_sparse_moe.gate`, expert e's gate/down/up projections are
+`block_sparse_moe.experts.<e>.w1/w2/w3` (the hub's layout; transformers 5 fuses them on load).
+docs/interop.md has the full table.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ LLAMA_BLOCK = {
     **{f"attn.{p}.{t}": f"self_attn.{p}.{t}" for p in ("q_proj", "k_proj", "v_proj", "o_proj") for t in ("weight", "bias")},
     **{f"mlp.{p}.{t}": f"mlp.{p}.{t}" for p in ("gate_proj", "up_proj", "down_proj") for t in ("weight", "bias")},
 }
+# MoE blocks (Mixtral, per-expert hub layout): lmforge -> HF under model.layers.<i>.
+MIXTRAL_ROUTER = {"mlp.router.weight": "block_sparse_moe.gate.weight"}
+MIXTRAL_EXPERT = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 LLAMA_TOP = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
 # GPT-2 linear layers stored as Conv1D (weight transposed): lmforge -> HF (under transformer.h.<i>.).
 GPT2_CONV1D = {"attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
@@ -58,6 +64,8 @@ def hf_config(model: ModelConfig, special: SpecialTokens, dtype: str) -> dict[st
         "torch_dtype": dtype,  # transformers 4.x reads torch_dtype, 5.x reads dtype
         "dtype": dtype,
     }
+    if model.arch == "llama" and model.n_experts:
+        return _mixtral_config(model, common)
     if model.arch == "llama":
         return {
             "architectures": ["LlamaForCausalLM"],
@@ -102,6 +110,35 @@ def hf_config(model: ModelConfig, special: SpecialTokens, dtype: str) -> dict[st
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
+        **common,
+    }
+
+
+def _mixtral_config(model: ModelConfig, common: dict[str, Any]) -> dict[str, Any]:
+    if model.use_bias:
+        raise LmforgeError(f"model.bias = {model.bias}: HF's Mixtral has no biases, so an MoE model with biases "
+                           "cannot be exported as MixtralForCausalLM")
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": model.d_model,
+        "intermediate_size": model.hidden_dim,
+        "num_hidden_layers": model.n_layers,
+        "num_attention_heads": model.n_heads,
+        "num_key_value_heads": model.kv_heads,
+        "head_dim": model.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.max_seq_len,
+        "rms_norm_eps": model.norm_eps,
+        "rope_theta": model.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
+        "sliding_window": None,
+        "attention_dropout": model.dropout,
+        "num_local_experts": model.n_experts,
+        "num_experts_per_tok": model.experts_per_token,
+        "router_aux_loss_coef": model.router_aux_loss_coef,
+        "output_router_logits": False,
+        "router_jitter_noise": 0.0,
         **common,
     }
 
@@ -174,10 +211,17 @@ def model_config_from_hf(hf: Mapping[str, Any], source: str, tokenizer_vocab: in
     model_type = hf.get("model_type")
     if model_type == "llama":
         fields = _llama_fields(hf, source)
+    elif model_type == "mixtral":
+        if hf.get("sliding_window") is not None:
+            raise LmforgeError(f"{source}: sliding_window = {hf['sliding_window']}: lmforge's attention is full causal; "
+                               "only a Mixtral with sliding_window null imports")
+        fields = {**_llama_fields(hf, source), "n_experts": int(_require(hf, "num_local_experts", source)),
+                  "experts_per_token": int(_require(hf, "num_experts_per_tok", source)),
+                  "router_aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001))}
     elif model_type == "gpt2":
         fields = _gpt2_fields(hf, source)
     else:
-        raise LmforgeError(f"{source}: model_type = {model_type!r}: lmforge imports 'llama' (LlamaForCausalLM) and 'gpt2' (GPT2LMHeadModel)")
+        raise LmforgeError(f"{source}: model_type = {model_type!r}: lmforge imports 'llama' (LlamaForCausalLM), 'mixtral' (MixtralForCausalLM, per-expert w1/w2/w3 layout) and 'gpt2' (GPT2LMHeadModel)")
     fields.update(_vocab_fields(int(_require(hf, "vocab_size", source)), tokenizer_vocab))
     fields["init_std"] = float(hf.get("initializer_range", 0.02))
     config = ModelConfig(**fields)
@@ -197,7 +241,10 @@ def _llama_name(name: str) -> str:
     block = _block_index(name)
     if block is None:
         return LLAMA_TOP[name]
-    return f"model.layers.{block[0]}.{LLAMA_BLOCK[block[1]]}"
+    expert = re.fullmatch(r"mlp\.experts\.(\d+)\.(\w+)\.weight", block[1])
+    if expert:
+        return f"model.layers.{block[0]}.block_sparse_moe.experts.{expert.group(1)}.{MIXTRAL_EXPERT[expert.group(2)]}.weight"
+    return f"model.layers.{block[0]}.{MIXTRAL_ROUTER.get(block[1]) or LLAMA_BLOCK[block[1]]}"
 
 
 def _zeros_if_missing(state: Mapping[str, torch.Tensor], name: str, size: int, like: torch.Tensor) -> torch.Tensor:

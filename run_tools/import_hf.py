@@ -34,7 +34,7 @@ DEFAULT_DEEPSPEED = "ds_configs/zero0.json"
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lmforge import-hf", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, metavar="DIR", help="transformers model directory (LlamaForCausalLM or GPT2LMHeadModel)")
+    parser.add_argument("--model", type=Path, required=True, metavar="DIR", help="transformers model directory (LlamaForCausalLM, MixtralForCausalLM or GPT2LMHeadModel)")
     parser.add_argument("--output", type=Path, required=True, metavar="RUN_DIR", help="run directory to create")
     parser.add_argument("--config", default=None, help="preset or YAML for the train/data/deepspeed sections (its model section is replaced)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (not model.*)")
