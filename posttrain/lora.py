@@ -39,3 +39,20 @@ def describe_trainable(model: torch.nn.Module) -> str:
     adam_mb = trainable * 3 * 4 / 2**20  # fp32 gradient, exp_avg and exp_avg_sq per trainable parameter
     return (f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%), "
             f"gradient + Adam state {adam_mb:.2f} MiB (fp32)")
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's per-parameter state (Adam's moments) on this rank: DeepSpeed's ZeRO wrappers
+    hold the torch optimizer as `.optimizer`, whose state covers this rank's partition only."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return sum(v.numel() * v.element_size() for state in getattr(inner, "state", {}).values()
+               for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+
+
+def lora_report(model: torch.nn.Module, optimizer) -> dict[str, float]:
+    """For the run's summary: trainable parameters and the optimizer state summed over ranks (MiB)."""
+    from lmforge import distributed
+
+    trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
+    total = distributed.all_reduce_sum(torch.tensor(float(optimizer_state_bytes(optimizer)))).item()
+    return {"trainable_parameters": float(trainable), "optimizer_state_mib": total / 2**20}

@@ -15,7 +15,7 @@ from lmforge import distributed
 from lmforge.distributed import DistributedInfo, launcher_world_size
 from posttrain.config import load_posttrain_config
 from posttrain.job import Job, build_initial, parse_args, prepare_job, start_ranks
-from posttrain.lora import add_lora, check_lora, describe_trainable
+from posttrain.lora import add_lora, check_lora, describe_trainable, lora_report
 
 
 class TrainingStep(Protocol):
@@ -66,6 +66,8 @@ def run_supervised_verb(verb: SupervisedVerb, argv: Sequence[str] | None) -> int
         if distributed.is_main():
             print(f"{verb.name}: {verb.describe(job, data)}, {info.world_size} rank(s), run dir {cfg.run.dir}", flush=True)
         last = loop.run(step.micro_loss, step.evaluate)
+        if cfg.lora.rank:
+            last.update(lora_report(engine.module, engine.optimizer))
         print_summary(verb.name, loop.step, last)
     finally:
         distributed.shutdown()

@@ -32,13 +32,15 @@ def test_merged_lora_weights_give_the_adapted_models_logits(arch):
 
 
 @pytest.mark.slow
-def test_lora_sft_on_two_zero3_ranks_trains_only_the_adapters_and_exports_merged_weights(tiny_corpus_shards, tmp_path):
+def test_lora_sft_on_two_zero3_ranks_trains_only_the_adapters_and_exports_merged_weights_and_a_peft_adapter(
+        tiny_corpus_shards, tmp_path):
     from run_tools import export_hf
     from lmforge.errors import run_cli
     from posttrain.job import starting_state
     from run_tools.run_config import load_checked_model
     from tests.posttrain.test_sft import sft_examples
     from tests.run_tools.test_export_hf import clean_env
+    from tests.run_tools.test_export_hf_adapter import peft_logits
 
     sets = {**tiny_model_sets(tiny_corpus_shards.tokenizer_dir, tmp_path / "sft"), "train.max_steps": 8,
             "data.train": write_jsonl(tmp_path / "sft.jsonl", sft_examples(64, seed=0)), "data.valid_fraction": 0,
@@ -49,6 +51,8 @@ def test_lora_sft_on_two_zero3_ranks_trains_only_the_adapters_and_exports_merged
     assert result.returncode == 0, result.stderr[-3000:]
     # per block: q 4·32 + 32·4, v 4·32 + 16·4, up 4·32 + 128·4, down 4·128 + 32·4 = 1,728; two blocks
     assert "sft: LoRA: 3,456 trainable of " in result.stdout and "gradient + Adam state 0.04 MiB" in result.stdout
+    # Adam's two fp32 moments for the adapters only, split over the two ranks: 3,456 · 8 bytes in all
+    assert "trainable_parameters=3456, optimizer_state_mib=0.02637" in result.stdout, result.stdout[-2000:]
     records = read_metrics(tmp_path / "sft")
     assert records[-1]["loss"] < records[0]["loss"] - 0.1, [r["loss"] for r in records]
     step4, _ = starting_state(tmp_path / "sft", "step_00000004")
@@ -69,6 +73,11 @@ def test_lora_sft_on_two_zero3_ranks_trains_only_the_adapters_and_exports_merged
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.allclose(torch.tensor(json.loads(result.stdout))[..., : config.model.vocab_size], ours, atol=1e-4)
+    base = tmp_path / "hf-base"
+    assert run_cli(export_hf.main, ["--checkpoint", str(tmp_path / "sft"), "--output", str(base), "--adapter"]) == 0
+    theirs, kind = peft_logits(base, base / "adapter", ids, tmp_path, clean_env())
+    assert kind == "PeftModelForCausalLM"
+    assert (theirs[..., : config.model.vocab_size] - ours).abs().max().item() < 1e-5
 
 
 def test_lora_is_refused_in_one_line_for_verbs_that_do_not_train_with_it_yet():
