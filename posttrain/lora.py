@@ -6,30 +6,33 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.errors import LmforgeError
-from posttrain.config import LoraConfig, PosttrainConfig
-
-LORA_VERBS = ("sft", "dpo", "grpo")
-"""Verbs whose trained language model takes adapters (the reward model's head and PPO's critic would need more)."""
-
-
-def check_lora(config: PosttrainConfig, verb: str) -> None:
-    """One line before anything is created when `lora` is set for a verb that does not train with it yet."""
-    if config.lora.rank and verb not in LORA_VERBS:
-        raise LmforgeError(f"lora.rank = {config.lora.rank}: LoRA is supported by {', '.join(LORA_VERBS)} only so far; "
-                           f"set lora.rank=0 for {verb}")
-
+from posttrain.config import LoraConfig
 
 def add_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
-    """Injects PEFT LoRA layers into `model` in place and freezes everything but them."""
+    """Injects PEFT LoRA layers into `model` in place and freezes everything but them and the parameters
+    the model names in `trainable_with_lora` (prefixes: a reward model's or critic's scalar head, which
+    starts untrained)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
     peft_config = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                  target_modules=list(lora.target_modules), bias="none")
     model = inject_adapter_in_model(peft_config, model)
+    keep = tuple(getattr(model, "trainable_with_lora", ()))
     for name, param in model.named_parameters():
-        param.requires_grad_(".lora_A." in name or ".lora_B." in name)
+        param.requires_grad_(".lora_A." in name or ".lora_B." in name or name.startswith(keep))
+    return model
+
+
+def with_lora(model: torch.nn.Module, lora: LoraConfig, label: str) -> torch.nn.Module:
+    """`model` with adapters when lora.rank is set (else unchanged); rank 0 prints what trains, as `label: LoRA: ...`."""
+    from lmforge import distributed
+
+    if not lora.rank:
+        return model
+    model = add_lora(model, lora)
+    if distributed.is_main():
+        print(f"{label}: {describe_trainable(model)}", flush=True)
     return model
 
 
