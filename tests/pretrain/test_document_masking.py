@@ -57,3 +57,36 @@ def test_document_masking_is_refused_with_pipeline_stages_in_one_line():
     assert load_pretrain_config("tiny", ["data.document_masking=true"]).data.document_masking is True
     with pytest.raises(LmforgeError, match="data.document_masking = true: not supported with parallel.pipeline_stages = 2"):
         load_pretrain_config("tiny", ["data.document_masking=true", "parallel.pipeline_stages=2"])
+
+
+def test_a_run_with_document_masking_trains_on_each_documents_own_loss(tiny_corpus_shards, tmp_path):
+    from data_prep.corpus import CorpusSpec
+    from data_prep.shards import ShardOptions, build_shards
+    from pretrain.rank_batches import TrainingData
+    from run_tools.run_config import load_run_config
+    from tests.pretrain.training_runs import run_training
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(120):  # short documents: every 64-token window spans several
+        (docs / f"doc{i:03d}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 3))
+    shards = tmp_path / "shards"
+    build_shards(CorpusSpec(inputs=tuple(str(p) for p in sorted(docs.iterdir()))),
+                 tiny_corpus_shards.tokenizer_dir / "tokenizer.model", shards,
+                 ShardOptions(valid_fraction=0.1, seed=0, shard_tokens=100_000, workers=1), progress=False)
+    run_dir = tmp_path / "run"
+    losses = run_training(run_dir, shards, **{"train.max_steps": 1, "train.warmup_steps": 1, "train.seq_len": 64, "train.micro_batch_size": 4,
+                                              "data.document_masking": "true", "deepspeed.config": "ds_configs/zero0.json"})
+    config = load_run_config(run_dir)
+    assert config.data.document_masking is True
+    data = TrainingData(config.data, config.train.seq_len, config.train.seed, 0, 1)
+    batch = data.train_batch(0, 0, config.train)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    segments = document_segment_ids(inputs, data.document_eod)
+    assert (segments[:, -1] >= 1).all()  # every row spans documents
+    torch.manual_seed(config.train.seed)  # the run's initial weights: its first step's loss is theirs
+    model = Transformer(config.model)
+    with torch.no_grad():
+        masked = model(inputs, targets, segment_ids=segments).item()
+        across = model(inputs, targets).item()
+    assert abs(losses[0] - masked) < 1e-4 and abs(across - masked) > 1e-3, (losses[0], masked, across)
