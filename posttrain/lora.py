@@ -1,12 +1,13 @@
 """LoRA (Hu et al. 2021) through PEFT: low-rank adapters injected into the Transformer's Linear layers
-(`lora` config section); every other weight is frozen, so the optimizer holds state for the adapters
-only. Checkpoints keep PEFT's names; readers of the run get merged weights (pretrain/lora_weights.py).
+(`lora` config section) of every verb's trained model (sft, reward, dpo, ppo's actor and critic, grpo); every
+other weight is frozen but a scalar head, so the optimizer holds state for the adapters (and head) only. Checkpoints keep PEFT's names; readers of the run get merged weights (pretrain/lora_weights.py).
 """
 from __future__ import annotations
 
 import torch
 
 from posttrain.config import LoraConfig
+
 
 def add_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
     """Injects PEFT LoRA layers into `model` in place and freezes everything but them and the parameters
