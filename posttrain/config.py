@@ -136,7 +136,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 @dataclass(frozen=True)
 class LoraConfig:
     rank: int = 0
-    """LoRA rank r (Hu et al. 2021) of the adapters added to target_modules; 0: no LoRA, every weight trains (sft only so far)."""
+    """LoRA rank r (Hu et al. 2021) of the adapters added to target_modules (sft, reward, dpo, ppo, grpo); 0: no LoRA, every weight trains."""
     alpha: float = 16.0
     """Adapter scale numerator: the update is (alpha / rank)·B·A."""
     dropout: float = 0.0

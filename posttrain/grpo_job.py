@@ -8,7 +8,6 @@ from typing import Any
 from lmforge.errors import LmforgeError
 from posttrain.config import PosttrainConfig
 from posttrain.job import Job, prepare_job
-from posttrain.lora import check_lora
 from posttrain.rollout_job import check_reward_source, rollout_prompts, stretched_train_section
 from pretrain.config import TrainConfig
 
@@ -33,7 +32,6 @@ class GRPOJob:
 
 def prepare_grpo(config: PosttrainConfig, world_size: int) -> GRPOJob:
     """Every check before any process group: config, reward function or run, prompts, the DeepSpeed JSON."""
-    check_lora(config, "grpo")
     minibatch = config.train.micro_batch_size * config.train.grad_accum_steps
     if rollouts_per_rank(config) % minibatch:
         raise LmforgeError(f"grpo.prompts_per_rank × grpo.group_size = {rollouts_per_rank(config)}: must be a multiple "

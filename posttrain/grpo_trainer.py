@@ -12,7 +12,7 @@ from posttrain.frozen_models import build_frozen, weight_dtype
 from posttrain.grpo_job import GRPOJob
 from posttrain.job import build_initial
 from posttrain.loop import mean_over_ranks, resume, run_rollout_iterations
-from posttrain.lora import add_lora, describe_trainable
+from posttrain.lora import with_lora
 from posttrain.losses import group_advantages, grpo_loss
 from posttrain.rollout import Samples, policy_logprobs, rollout_generator, sample
 from posttrain.scoring import Scorer
@@ -28,11 +28,7 @@ class GRPOTrainer:
         g, train = cfg.grpo, cfg.train
         self.tokenizer = self.job.tokenizer
         self.dtype = weight_dtype(self.job.ds_config)
-        policy = build_initial(cfg, Transformer)
-        if cfg.lora.rank:
-            policy = add_lora(policy, cfg.lora)
-            if distributed.is_main():
-                print(f"grpo: {describe_trainable(policy)}", flush=True)
+        policy = with_lora(build_initial(cfg, Transformer), cfg.lora, "grpo")
         self.actor = build_engine(policy, self.job.ds_config, train.weight_decay, train.compile, train.decay_embeddings)
         self.reference = None
         if g.kl_coef > 0:

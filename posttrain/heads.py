@@ -14,6 +14,9 @@ class ScalarHeadModel(nn.Module):
     ZeRO stage waits for its (absent) gradient. The checkpoint keys are `lm.*` and `head.*`.
     """
 
+    trainable_with_lora = ("head.",)
+    """Under LoRA (posttrain.lora.add_lora) the scalar head trains with the adapters: it starts at zero."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.lm = Transformer(config)

@@ -10,7 +10,6 @@ from lmforge.errors import LmforgeError
 from posttrain.config import PosttrainConfig
 from posttrain.formats import PROMPT_SHAPE
 from posttrain.job import Job, prepare_job
-from posttrain.lora import check_lora
 from posttrain.rollout_job import check_reward_source, rollout_prompts, stretched_train_section
 from pretrain.config import TrainConfig, resolve_repo_path
 from pretrain.ds_config import build_deepspeed_config
@@ -60,7 +59,6 @@ def prepare_ppo(config: PosttrainConfig, world_size: int) -> PPOJob:
     """Every check before any process group: config, prompts, reward run and its tokenizer, both DeepSpeed JSONs."""
     from posttrain.reward_functions import resolve_reward_function
 
-    check_lora(config, "ppo")
     if problems := check_ppo(config):
         raise LmforgeError("; ".join(problems))
     job = prepare_job(config, world_size, actor_train_section(config))

@@ -11,6 +11,7 @@ from posttrain.batches import ExampleOrder
 from posttrain.frozen_models import build_frozen, weight_dtype
 from posttrain.heads import ScalarHeadModel
 from posttrain.job import build_initial
+from posttrain.lora import with_lora
 from posttrain.loop import mean_over_ranks, run_rollout_iterations
 from posttrain.losses import (KLController, RunningMoments, clipped_policy_loss, clipped_value_loss,
                               entropy_from_logits, masked_mean, token_logprobs)
@@ -37,10 +38,11 @@ class PPOTrainer:
         self.tokenizer = self.job.tokenizer
         self.dtype = weight_dtype(self.job.ds_config)
         train = cfg.train
-        self.actor = build_engine(build_initial(cfg, Transformer), self.job.ds_config, train.weight_decay, train.compile,
-                                  train.decay_embeddings)
+        actor = with_lora(build_initial(cfg, Transformer), cfg.lora, "ppo actor")
+        self.actor = build_engine(actor, self.job.ds_config, train.weight_decay, train.compile, train.decay_embeddings)
         self.reference = build_frozen(build_initial(cfg, Transformer), self.job.ds_config, cfg.ppo.frozen_models, info.device)
-        self.critic = build_engine(self._critic_module(), ppo_job.critic_ds_config, train.weight_decay, train.compile,
+        critic = with_lora(self._critic_module(), cfg.lora, "ppo critic")  # adapters and its value head train
+        self.critic = build_engine(critic, ppo_job.critic_ds_config, train.weight_decay, train.compile,
                                    train.decay_embeddings)
         self.score = Scorer(self.tokenizer, info.device, cfg.ppo.reward_function, "ppo.reward_function",
                             cfg.ppo.reward_run, ppo_job.reward_model_config, self.job.ds_config, cfg.ppo.frozen_models)

@@ -15,7 +15,7 @@ from lmforge import distributed
 from lmforge.distributed import DistributedInfo, launcher_world_size
 from posttrain.config import load_posttrain_config
 from posttrain.job import Job, build_initial, parse_args, prepare_job, start_ranks
-from posttrain.lora import add_lora, check_lora, describe_trainable
+from posttrain.lora import lora_report, with_lora
 
 
 class TrainingStep(Protocol):
@@ -44,17 +44,12 @@ def run_supervised_verb(verb: SupervisedVerb, argv: Sequence[str] | None) -> int
 
     args = parse_args(verb.name, verb.description, verb.name, argv)
     config = load_posttrain_config(args.config, args.set)
-    check_lora(config, verb.name)
     job = prepare_job(config, launcher_world_size())
     data = verb.load_data(job)
     job, info = start_ranks(job, verb=verb.name)
     try:
         cfg = job.config
-        model = build_initial(cfg, verb.model_kind)
-        if cfg.lora.rank:
-            model = add_lora(model, cfg.lora)
-            if distributed.is_main():
-                print(f"{verb.name}: {describe_trainable(model)}", flush=True)
+        model = with_lora(build_initial(cfg, verb.model_kind), cfg.lora, verb.name)
         engine = build_engine(model, job.ds_config, cfg.train.weight_decay, cfg.train.compile, cfg.train.decay_embeddings)
         step = verb.make_step(job, engine, data, info)
         loop = SupervisedLoop(job, engine, verb.name)
@@ -66,6 +61,8 @@ def run_supervised_verb(verb: SupervisedVerb, argv: Sequence[str] | None) -> int
         if distributed.is_main():
             print(f"{verb.name}: {verb.describe(job, data)}, {info.world_size} rank(s), run dir {cfg.run.dir}", flush=True)
         last = loop.run(step.micro_loss, step.evaluate)
+        if cfg.lora.rank:
+            last.update(lora_report(engine.module, engine.optimizer))
         print_summary(verb.name, loop.step, last)
     finally:
         distributed.shutdown()

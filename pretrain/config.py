@@ -40,6 +40,8 @@ class DataConfig:
     """Shard directories written by `lmforge prep shards` (several are blended)."""
     weights: tuple[float, ...] | None = None
     """Blending weights, one per path; null weighs all paths equally."""
+    document_masking: bool = False
+    """Attention stays within each document of a packed sequence (a document ends at its EOD token) and positions restart after each EOD; false attends across them."""
 
     def problems(self) -> list[str]:
         found = []
@@ -138,9 +140,14 @@ class PretrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def problems(self) -> list[str]:
+        found = []
         if self.train.seq_len > self.model.max_seq_len:
-            return [f"train.seq_len = {self.train.seq_len}: must not exceed model.max_seq_len = {self.model.max_seq_len}"]
-        return []
+            found.append(f"train.seq_len = {self.train.seq_len}: must not exceed model.max_seq_len = {self.model.max_seq_len}")
+        for key in ("pipeline_stages", "sequence"):  # stages pass hidden states only; Ulysses splits the sequence
+            if self.data.document_masking and getattr(self.parallel, key) > 1:
+                found.append(f"data.document_masking = true: not supported with parallel.{key} = "
+                             f"{getattr(self.parallel, key)}; set one of them back (document_masking false or {key} 1)")
+        return found
 
 
 def resolve_repo_path(path: Path) -> Path:

@@ -200,11 +200,15 @@ def pipeline_step(engine, micro_batches, at_boundary: Callable[[torch.Tensor], A
 
 
 @torch.no_grad()
-def evaluation_loss(engine, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean loss of one batch without gradients (fp32, on device; a pipeline's, on every stage)."""
+def evaluation_loss(engine, inputs: torch.Tensor, targets: torch.Tensor,
+                    segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss of one batch without gradients (fp32, on device; a pipeline's, on every stage);
+    `segment_ids`: documents kept apart (data.document_masking, never with a pipeline)."""
     if is_pipeline(engine):
         loss = engine.eval_batch(iter([(inputs, targets)]), num_micro_batches=1)
         return loss.detach().float().reshape(())
+    if segment_ids is not None:
+        return engine(inputs, targets, segment_ids=segment_ids).detach().float()
     return engine(inputs, targets).detach().float()
 
 

@@ -115,6 +115,13 @@ def _gradient_check(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor
     return torch.isfinite(norms).all(), torch.linalg.vector_norm(norms)
 
 
+def micro_batch_loss(engine, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The engine's loss on (inputs, targets) or (inputs, targets, segment_ids) (data.document_masking)."""
+    if len(batch) == 3:
+        return engine(batch[0], batch[1], segment_ids=batch[2])
+    return engine(batch[0], batch[1])
+
+
 class GuardedStep:
     """Runs optimizer steps on a DeepSpeed engine; raises LmforgeError after too many bad ones in a row."""
 
@@ -173,8 +180,8 @@ class GuardedStep:
         total, count, device = None, 0, None
         self._loss_bad = self._grad_bad = None
         shared = torch.zeros(2)
-        for inputs, targets in micro_batches:
-            loss = faults.corrupt_loss(engine(inputs, targets), step_number, rank)
+        for batch in micro_batches:
+            loss = faults.corrupt_loss(micro_batch_loss(engine, batch), step_number, rank)
             engine.backward(loss)
             total = loss.detach().float() if total is None else total + loss.detach().float()
             count += 1
@@ -242,8 +249,8 @@ class GuardedStep:
         engine, rank = self.engine, distributed.rank()
         total, count = None, 0
         loss_bad = grads_bad = stop = False
-        for inputs, targets in micro_batches:
-            loss = faults.corrupt_loss(engine(inputs, targets), step_number, rank)
+        for batch in micro_batches:
+            loss = faults.corrupt_loss(micro_batch_loss(engine, batch), step_number, rank)
             engine.backward(loss)
             total = loss.detach().float() if total is None else total + loss.detach().float()
             count += 1

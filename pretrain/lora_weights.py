@@ -43,3 +43,19 @@ def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.
             key = f"{prefix}.{leaf}"
         merged[key] = value
     return merged
+
+
+def split_lora(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The frozen base weights under their plain names, and the adapters as `PREFIX.lora_A.weight` /
+    `PREFIX.lora_B.weight` (PREFIX: the plain Linear's name, e.g. blocks.0.attn.q_proj)."""
+    base: dict[str, torch.Tensor] = {}
+    adapters: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for peft_leaf, leaf in ((LORA_A, ".lora_A.weight"), (LORA_B, ".lora_B.weight")):
+            if key.endswith(peft_leaf):
+                adapters[key[: -len(peft_leaf)] + leaf] = value
+                break
+        else:
+            prefix, _, rest = key.partition(BASE)
+            base[f"{prefix}.{rest}" if rest else key] = value
+    return base, adapters

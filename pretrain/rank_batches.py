@@ -17,6 +17,14 @@ from lmforge.errors import LmforgeError
 from pretrain.config import DataConfig, TrainConfig, resolve_repo_path
 
 
+def document_segment_ids(inputs: torch.Tensor, eod_id: int) -> torch.Tensor:
+    """[B, T] ids of the document each input token belongs to (data.document_masking): a document ends
+    at its EOD token, so the count of EODs strictly before a position. The model keeps attention within
+    one id and restarts positions at each new id (pretrain.model.Transformer.hidden_states)."""
+    ends = (inputs == eod_id).int()
+    return ends.cumsum(dim=1) - ends
+
+
 class TrainingData:
     """The train and valid datasets, and the batch each rank reads."""
 
@@ -26,6 +34,8 @@ class TrainingData:
         paths = [resolve_repo_path(p) for p in data.path]
         self.rank, self.world_size = rank, world_size
         self.train = build_dataset(paths, data.weights, "train", seq_len, seed)
+        self.document_eod = self.train.eod_id if data.document_masking else None
+        """The EOD id that ends documents when data.document_masking is on (None: attend across them)."""
         try:
             self.valid = build_dataset(paths, data.weights, "valid", seq_len, seed)
         except LmforgeError:

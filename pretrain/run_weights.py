@@ -28,7 +28,7 @@ from lmforge.errors import LmforgeError
 from lmforge.run_layout import config_path
 from pretrain import checkpoint
 from pretrain.expert_checkpoint import expert_parallel_state_dict, is_expert_parallel_checkpoint
-from pretrain.lora_weights import has_lora, lora_scale, merge_lora
+from pretrain.lora_weights import has_lora, lora_scale, merge_lora, split_lora
 from pretrain.model import ModelConfig, Transformer
 from pretrain.pipeline_checkpoint import is_pipeline_checkpoint, pipeline_state_dict_to_model
 from pretrain.run_dir import run_model_config
@@ -112,8 +112,8 @@ def _tensor_parallel_module_state(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in merge_tensor_shards(shards).items()}
 
 
-def run_state_dict(run_dir: Path, step: int | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """fp32 weights of the run's checkpoint at `step` (None: latest), and its tag."""
+def run_state_dict(run_dir: Path, step: int | None = None, merge: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """fp32 weights of the run's checkpoint at `step` (None: latest), and its tag; LoRA adapters merged unless not `merge`."""
     run_dir = Path(run_dir)
     tag = _resolve_tag(run_dir, step)
     folder = checkpoint.checkpoints_dir(run_dir) / tag
@@ -127,7 +127,7 @@ def run_state_dict(run_dir: Path, step: int | None = None) -> tuple[dict[str, to
         state = _zero0_module_state(folder, run_model_config(run_dir))
     else:
         state, tag = checkpoint.consolidated_state_dict(run_dir, tag)
-    return (merge_lora(state, lora_scale(run_dir)) if has_lora(state) else state), tag
+    return (merge_lora(state, lora_scale(run_dir)) if merge and has_lora(state) else state), tag
 
 
 def _describe(model: ModelConfig) -> str:
@@ -153,12 +153,18 @@ def check_state_dict(state: dict[str, torch.Tensor], model: ModelConfig, where: 
         raise LmforgeError(f"{where}: weights do not match the config's model ({_describe(model)}): {'; '.join(problems[:4])}")
 
 
-def lm_state_dict(run_dir: Path, model: ModelConfig, step: int | None = None) -> tuple[dict[str, torch.Tensor], str]:
+def lm_state_dict(run_dir: Path, model: ModelConfig, step: int | None = None,
+                  adapters: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """The fp32 weights of the run's language model at `step` (None: latest), checked against `model`, and the tag.
 
     A tied head's `lm_head.weight` is filled in from the embedding. A reward model's checkpoint is refused.
+    Given a dict `adapters`, a LoRA run's adapters are moved into it (pretrain.lora_weights.split_lora) and
+    the base weights returned instead of the merged ones.
     """
-    state, tag = run_state_dict(run_dir, step)
+    state, tag = run_state_dict(run_dir, step, merge=adapters is None)
+    if adapters is not None:
+        state, found = split_lora(state)
+        adapters.update(found)
     folder = checkpoint.checkpoints_dir(run_dir) / tag
     if "head.weight" in state and any(k.startswith("lm.") for k in state):
         raise LmforgeError(f"{run_dir}: a reward model ({folder} holds a scalar head on the LM trunk, keys lm.*, head.*), "

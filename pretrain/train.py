@@ -29,7 +29,7 @@ from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation, 
 from pretrain.model import load_balancing_loss
 from pretrain.pipeline import data_parallel_size, pipeline_metrics
 from pretrain.preemption import PreemptionSignals
-from pretrain.rank_batches import BatchPrefetcher, TrainingData
+from pretrain.rank_batches import BatchPrefetcher, TrainingData, document_segment_ids
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -111,9 +111,12 @@ class Trainer:
                 print(f"note: global batch {self.global_batch} differs from the checkpoint's {record['global_batch']}: "
                       "later steps read other samples than the original run would have", flush=True)
 
-    def _to_device(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_device(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(inputs, targets), and the document ids with data.document_masking (rank_batches.document_segment_ids)."""
         if self.info.device.type == "cuda":
             batch = (batch if batch.is_pinned() else batch.pin_memory()).to(self.info.device, non_blocking=True)
+        if self.data.document_eod is not None:
+            return batch[:, :-1], batch[:, 1:], document_segment_ids(batch[:, :-1], self.data.document_eod)
         return batch[:, :-1], batch[:, 1:]
 
     def train_step(self, stop_requested: bool = False) -> PendingStep:
@@ -137,8 +140,7 @@ class Trainer:
         self.engine.eval()
         total = torch.zeros((), device=self.info.device)
         for batch_index in range(self.config.train.eval_batches):
-            inputs, targets = self._to_device(self.data.valid_batch(batch_index, self.config.train))
-            total += evaluation_loss(self.engine, inputs, targets)
+            total += evaluation_loss(self.engine, *self._to_device(self.data.valid_batch(batch_index, self.config.train)))
         self.engine.train()
         return float(distributed.all_reduce_mean(total / self.config.train.eval_batches))
 

@@ -4,7 +4,9 @@ DIR gets (docs/interop.md): model.safetensors (or shards + model.safetensors.ind
 config.json for LlamaForCausalLM (llama) or GPT2LMHeadModel (gpt2), generation_config.json, and
 the tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model;
 for a run made by `lmforge import-hf`, the source model's own tokenizer files). RUN_DIR may also be a
-post-training run: SFT, DPO, or PPO (its actor); a reward model is refused (pretrain.run_weights).
+post-training run: SFT, DPO, or PPO (its actor); a reward model is refused (pretrain.run_weights). A LoRA
+run exports merged weights, or with --adapter its base weights plus a PEFT adapter in DIR/adapter/
+(run_tools.hf_adapter).
 Nothing in DIR needs lmforge: `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` need only transformers (DIR/.lmforge-owner.json marks it as an
 export, so `--overwrite` replaces only an earlier export: lmforge.ownership). DIR appears complete or
@@ -26,6 +28,8 @@ from lmforge import ownership
 from lmforge.errors import LmforgeError, run_cli
 from lmforge.out_of_space import describe as describe_space, is_out_of_space
 from pretrain.run_weights import lm_state_dict
+from lmforge.run_layout import config_path
+from run_tools.hf_adapter import ADAPTER_DIR, check_adapter_export, write_peft_adapter
 from run_tools.hf_mapping import SpecialTokens, hf_config, to_hf
 from run_tools.hf_tokenizer import (
     copy_source_tokenizer, has_source_tokenizer, special_tokens, write_hf_tokenizer,
@@ -49,6 +53,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "else the copy beside its shards, data.path)")
     parser.add_argument("--max-shard-size", default="5GB", help="split weights into files of at most this size (default: 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    parser.add_argument("--adapter", action="store_true",
+                        help="for a LoRA run: DIR gets the base weights and DIR/adapter/ a PEFT adapter "
+                             "(default: merged weights)")
     return parser.parse_args(argv)
 
 
@@ -60,6 +67,13 @@ def _tokenizer_path(run_dir: Path, override: Path | None) -> Path:
     if not path.is_file():
         raise LmforgeError(f"--tokenizer {override}: no sentencepiece tokenizer.model there")
     return path
+
+
+def run_lora_section(run_dir: Path) -> dict:
+    """The run's config.yaml `lora` section ({} for a run without one)."""
+    from lmforge.config import read_yaml_mapping
+
+    return read_yaml_mapping(config_path(run_dir)).get("lora") or {}
 
 
 def generation_config(model: ModelConfig, special: SpecialTokens) -> dict:
@@ -102,11 +116,16 @@ def _move_into_place(staging: Path, output: Path) -> None:
 
 
 def export(run_dir: Path, output: Path, step: int | None = None, dtype: str = "fp32",
-           tokenizer: Path | None = None, max_shard_size: str = "5GB", overwrite: bool = False) -> list[str]:
-    """Writes the HF model directory; returns the names of the files written."""
+           tokenizer: Path | None = None, max_shard_size: str = "5GB", overwrite: bool = False,
+           adapter: bool = False) -> list[str]:
+    """Writes the HF model directory (with `adapter`: the base weights, and the PEFT adapter in
+    DIR/adapter/, run_tools.hf_adapter); returns the names of the files written."""
     max_shard_bytes = parse_size(max_shard_size)
     _check_output(Path(output), overwrite, Path(run_dir), tokenizer)
     model = load_run_config(run_dir).model
+    lora = run_lora_section(Path(run_dir))
+    if adapter:
+        check_adapter_export(model, lora, str(config_path(run_dir)))
     token_model = None
     if tokenizer is not None or not has_source_tokenizer(Path(run_dir)):
         token_model = load_run_tokenizer(run_dir, model, _tokenizer_path(run_dir, tokenizer))
@@ -114,7 +133,8 @@ def export(run_dir: Path, output: Path, step: int | None = None, dtype: str = "f
     else:
         special = copy_source_tokenizer(Path(run_dir), None)[1]
     hf_settings = hf_config(model, special, DTYPES[dtype][1])  # before reading weights: rejects a GQA gpt2
-    state, tag = lm_state_dict(run_dir, model, step)  # refuses a reward model
+    adapters: dict[str, torch.Tensor] | None = {} if adapter else None
+    state, tag = lm_state_dict(run_dir, model, step, adapters)  # refuses a reward model
     weights = {k: v.to(DTYPES[dtype][0]) for k, v in to_hf(state, model).items()}
 
     staging = _staging_dir(Path(output))
@@ -127,7 +147,12 @@ def export(run_dir: Path, output: Path, step: int | None = None, dtype: str = "f
             files += write_hf_tokenizer(token_model.model_bytes(), staging, model.max_seq_len)
         else:
             files += copy_source_tokenizer(Path(run_dir), staging)[0]
-        for name in files:  # safetensors writes owner-only files; a model directory is for sharing
+        shared = list(files)
+        if adapters is not None:
+            written = write_peft_adapter(adapters, model, lora, Path(output).resolve(), staging / ADAPTER_DIR, DTYPES[dtype][0])
+            shared += [f"{ADAPTER_DIR}/{name}" for name in written]
+            files.append(ADAPTER_DIR)
+        for name in shared:  # safetensors writes owner-only files; a model directory is for sharing
             (staging / name).chmod(0o644)
         ownership.write_owner(staging, "export", "export-hf", checkpoint=str(Path(run_dir) / "checkpoints" / tag), files=files)
         _move_into_place(staging, Path(output))
@@ -146,7 +171,8 @@ def export(run_dir: Path, output: Path, step: int | None = None, dtype: str = "f
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    export(args.checkpoint, args.output, args.step, args.dtype, args.tokenizer, args.max_shard_size, args.overwrite)
+    export(args.checkpoint, args.output, args.step, args.dtype, args.tokenizer, args.max_shard_size, args.overwrite,
+           args.adapter)
     return 0
 
 

@@ -32,13 +32,15 @@ def test_merged_lora_weights_give_the_adapted_models_logits(arch):
 
 
 @pytest.mark.slow
-def test_lora_sft_on_two_zero3_ranks_trains_only_the_adapters_and_exports_merged_weights(tiny_corpus_shards, tmp_path):
+def test_lora_sft_on_two_zero3_ranks_trains_only_the_adapters_and_exports_merged_weights_and_a_peft_adapter(
+        tiny_corpus_shards, tmp_path):
     from run_tools import export_hf
     from lmforge.errors import run_cli
     from posttrain.job import starting_state
     from run_tools.run_config import load_checked_model
     from tests.posttrain.test_sft import sft_examples
     from tests.run_tools.test_export_hf import clean_env
+    from tests.run_tools.test_export_hf_adapter import peft_logits
 
     sets = {**tiny_model_sets(tiny_corpus_shards.tokenizer_dir, tmp_path / "sft"), "train.max_steps": 8,
             "data.train": write_jsonl(tmp_path / "sft.jsonl", sft_examples(64, seed=0)), "data.valid_fraction": 0,
@@ -49,6 +51,8 @@ def test_lora_sft_on_two_zero3_ranks_trains_only_the_adapters_and_exports_merged
     assert result.returncode == 0, result.stderr[-3000:]
     # per block: q 4·32 + 32·4, v 4·32 + 16·4, up 4·32 + 128·4, down 4·128 + 32·4 = 1,728; two blocks
     assert "sft: LoRA: 3,456 trainable of " in result.stdout and "gradient + Adam state 0.04 MiB" in result.stdout
+    # Adam's two fp32 moments for the adapters only, split over the two ranks: 3,456 · 8 bytes in all
+    assert "trainable_parameters=3456, optimizer_state_mib=0.02637" in result.stdout, result.stdout[-2000:]
     records = read_metrics(tmp_path / "sft")
     assert records[-1]["loss"] < records[0]["loss"] - 0.1, [r["loss"] for r in records]
     step4, _ = starting_state(tmp_path / "sft", "step_00000004")
@@ -69,20 +73,70 @@ def test_lora_sft_on_two_zero3_ranks_trains_only_the_adapters_and_exports_merged
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.allclose(torch.tensor(json.loads(result.stdout))[..., : config.model.vocab_size], ours, atol=1e-4)
+    base = tmp_path / "hf-base"
+    assert run_cli(export_hf.main, ["--checkpoint", str(tmp_path / "sft"), "--output", str(base), "--adapter"]) == 0
+    theirs, kind = peft_logits(base, base / "adapter", ids, tmp_path, clean_env())
+    assert kind == "PeftModelForCausalLM"
+    assert (theirs[..., : config.model.vocab_size] - ours).abs().max().item() < 1e-5
 
 
-def test_lora_is_refused_in_one_line_for_verbs_that_do_not_train_with_it_yet():
+def test_an_unknown_lora_target_is_a_one_line_error():
     from lmforge.errors import LmforgeError
     from posttrain.config import load_posttrain_config
-    from posttrain.lora import check_lora
 
-    config = load_posttrain_config("ppo", ["lora.rank=8"])
-    for verb in ("sft", "dpo", "grpo"):
-        check_lora(config, verb)
-    with pytest.raises(LmforgeError, match=r"^lora.rank = 8: LoRA is supported by sft, dpo, grpo only so far; set lora.rank=0 for ppo$"):
-        check_lora(config, "ppo")
     with pytest.raises(LmforgeError, match="lora.target_modules: unknown qkv"):
         load_posttrain_config("sft", ["lora.target_modules=[qkv]"])
+
+
+def test_a_scalar_head_trains_with_the_adapters():
+    from posttrain.heads import ScalarHeadModel
+
+    config = ModelConfig(arch="llama", vocab_size=100, n_layers=2, n_heads=4, d_model=32, max_seq_len=32)
+    model = add_lora(ScalarHeadModel(config), LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj",)))
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ["head.bias", "head.weight"] + [f"lm.blocks.{i}.attn.q_proj.lora_{m}.default.weight"
+                                                        for i in range(2) for m in "AB"]
+
+
+@pytest.mark.slow
+def test_lora_reward_and_ppo_train_adapters_and_heads_resume_and_export(tiny_corpus_shards, tmp_path):
+    from lmforge.errors import run_cli
+    from posttrain.job import starting_state
+    from run_tools import export_hf
+    from tests.posttrain.synthetic import prompts, separable_pairs
+    from tests.posttrain.test_ppo import ppo_sets
+
+    tokenizer = tiny_corpus_shards.tokenizer_dir
+    lora = {"lora.rank": 4, "lora.alpha": 8}
+    reward = {**tiny_model_sets(tokenizer, tmp_path / "reward"), "data.train": write_jsonl(tmp_path / "pairs.jsonl", separable_pairs(64, 0)),
+              "data.valid_fraction": 0, "train.max_steps": 6, "train.save_interval": 3, "train.lr": 1e-2, "train.min_lr": 1e-2,
+              "train.warmup_steps": 1, **lora}
+    result = run_verb("reward", reward)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reward: LoRA: 1,825 trainable of " in result.stdout  # 1,792 in the adapters + the head's 32 + 1
+    step3, _ = starting_state(tmp_path / "reward", "step_00000003")
+    step6, _ = starting_state(tmp_path / "reward", "step_00000006")  # merged: plain lm.*, head.* names
+    assert not any("lora" in k for k in step6) and step6["head.weight"].abs().sum() > 0
+    assert not torch.equal(step3["head.weight"], step6["head.weight"])
+    assert not torch.equal(step3["lm.blocks.0.attn.q_proj.weight"], step6["lm.blocks.0.attn.q_proj.weight"])
+    assert torch.equal(step3["lm.embed.weight"], step6["lm.embed.weight"])
+    assert torch.equal(step3["lm.blocks.1.mlp.up_proj.weight"], step6["lm.blocks.1.mlp.up_proj.weight"])
+
+    ppo = ppo_sets(tokenizer, tmp_path / "ppo", write_jsonl(tmp_path / "prompts.jsonl", prompts(32, 0)), **{
+        "ppo.reward_run": tmp_path / "reward", "ppo.reward_function": "null", "ppo.rollout_batch_size": 16,
+        "ppo.epochs": 1, "train.max_steps": 2, **lora})
+    result = run_verb("ppo", ppo)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ppo actor: LoRA: 1,792 trainable of " in result.stdout
+    assert "ppo critic: LoRA: 1,825 trainable of " in result.stdout  # the critic starts from the merged reward model
+    result = run_verb("ppo", {**ppo, "train.max_steps": 3})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "step_00000002" in result.stdout
+    assert [r["step"] for r in read_metrics(tmp_path / "ppo")] == [1, 2, 3]
+    actor, tag = starting_state(tmp_path / "ppo", None)
+    assert tag == "step_00000003" and "blocks.0.attn.q_proj.weight" in actor and not any("lora" in k for k in actor)
+    files = export_hf.export(tmp_path / "ppo", tmp_path / "hf", adapter=True)
+    assert "adapter" in files and (tmp_path / "hf" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
