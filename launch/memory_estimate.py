@@ -102,7 +102,7 @@ def _offload(ds_config: dict[str, Any], key: str) -> dict[str, Any] | None:
 def host_fraction_of_optimizer(ds_config: dict[str, Any], partition: int) -> float:
     """Fraction of a rank's optimizer partition DeepSpeed keeps on the host: 0 without offload_optimizer, else by
     whole sub-groups of `sub_group_size` elements (ZeRO-3 `ratio`, stage3.py's int((1 - ratio) * count) rule)."""
-    offload = _offload(ds_config, "zero_optimization.offload_optimizer")
+    offload = _offload(ds_config, "offload_optimizer")
     if offload is None:
         return 0.0
     ratio = float(offload.get("ratio", 1.0))
