@@ -39,8 +39,8 @@ DeepSpeed's 18 N × 1.5 = 27 N; the test holds ours within that factor of theirs
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from pretrain.config import TrainConfig
 from pretrain.ds_config import activation_checkpoint_every, precision_of, zero_stage_of
@@ -67,6 +67,8 @@ class MemoryItem:
     """Bytes of one rank (gpu) or of all the host's ranks together (host)."""
     knob: str = ""
     """The setting that lowers it, for a refusal's hint."""
+    phase: Literal["always", "backward", "step"] = "always"
+    """When it is alive: all along, during forward/backward (activations), or in the optimizer step only."""
 
 
 @dataclass(frozen=True)
@@ -78,13 +80,19 @@ class MemoryEstimate:
     ranks_per_host: int
     """Ranks whose host memory is summed in host_peak."""
 
+    def peak(self, where: str) -> int:
+        """Items alive all along, plus the larger of the backward-only and the step-only ones."""
+        mine = [i for i in self.items if i.where == where]
+        phase = {p: sum(i.bytes for i in mine if i.phase == p) for p in ("always", "backward", "step")}
+        return phase["always"] + max(phase["backward"], phase["step"])
+
     @property
     def gpu_peak(self) -> int:
-        return sum(i.bytes for i in self.items if i.where == "gpu")
+        return self.peak("gpu")
 
     @property
     def host_peak(self) -> int:
-        return sum(i.bytes for i in self.items if i.where == "host")
+        return self.peak("host")
 
     def largest(self, where: str, count: int = 4) -> list[MemoryItem]:
         return sorted((i for i in self.items if i.where == where), key=lambda i: -i.bytes)[:count]
@@ -140,6 +148,8 @@ def _model_states(n: int, world: int, ds_config: dict[str, Any]) -> list[MemoryI
             items.append(MemoryItem(name, "host", host_bytes, "lower offload_optimizer.ratio"))
         if gpu_bytes:
             items.append(MemoryItem(name, "gpu", gpu_bytes, knob))
+    if low and stage < 3 and part > on_host:  # stage_1_and_2's step flattens the bf16 gradient partition into fp32
+        items.append(MemoryItem("fp32 gradient partition (optimizer step)", "gpu", 4 * (part - on_host), knob, "step"))
     if host_share:  # the fp32 gradient partition the CPU optimizer reads (pinned when pin_memory)
         items.append(MemoryItem("fp32 gradients for CPU-Adam", "host", on_host * 4, "lower offload_optimizer.ratio"))
         if stage < 3:  # stage_1_and_2 keeps a bf16/fp32 copy to send updated weights back
@@ -188,8 +198,8 @@ def _activations(model: ModelConfig, train: TrainConfig, ds_config: dict[str, An
         kept = checkpointed * 4 * tokens * model.d_model + (model.n_layers - checkpointed) * per_layer + per_layer
         name, knob = f"activations (checkpointing every {every} block(s), one recomputed)", "train.micro_batch_size"
     logits = 14 * tokens * model.padded_vocab_size
-    return [MemoryItem(name, "gpu", kept, knob),
-            MemoryItem("logits and cross-entropy (bf16 + fp32 copies)", "gpu", logits, "train.micro_batch_size")]
+    return [MemoryItem(name, "gpu", kept, knob, "backward"),
+            MemoryItem("logits and cross-entropy (bf16 + fp32 copies)", "gpu", logits, "train.micro_batch_size", "backward")]
 
 
 def largest_layer_params(model: ModelConfig) -> int:
@@ -215,9 +225,9 @@ def estimate_memory(model: ModelConfig, train: TrainConfig, ds_config: dict[str,
     gpu = [i for i in rank_items if i.where == "gpu"]
     host = [i for i in rank_items if i.where == "host"]
     if device == "cpu":
-        host, gpu = host + gpu, []
+        host, gpu = host + [replace(i, where="host") for i in gpu], []
     else:
-        allocated = sum(i.bytes for i in gpu)
+        allocated = MemoryEstimate(tuple(gpu), n, ranks).gpu_peak
         gpu += [MemoryItem("CUDA context", "gpu", GPU_CONTEXT_BYTES),
                 MemoryItem("allocator fragmentation", "gpu", int(allocated * GPU_ALLOCATOR_SLACK))]
         host.append(MemoryItem("CUDA runtime and libraries", "host", HOST_CUDA_RUNTIME_BYTES))
@@ -225,6 +235,6 @@ def estimate_memory(model: ModelConfig, train: TrainConfig, ds_config: dict[str,
     if not zero_init:
         host.append(MemoryItem("full fp32 model built on the host before the engine", "host", 4 * n,
                                "zero_optimization.stage = 3 (built under deepspeed.zero.Init)"))
-    host = [MemoryItem(i.name, "host", i.bytes * ranks, i.knob) for i in host]
+    host = [replace(i, bytes=i.bytes * ranks) for i in host]
     return MemoryEstimate(tuple(gpu + host), n, ranks)
 
