@@ -51,6 +51,9 @@ HOST_BASELINE_BYTES = int(0.35 * GIB)
 """RSS of a rank after `import torch, deepspeed` and the engine's Python objects (0.24 GiB measured on CPU torch)."""
 HOST_CUDA_RUNTIME_BYTES = int(2.0 * GIB)
 """Host RSS the CUDA runtime, cuBLAS/NCCL libraries and their mappings add to a GPU rank (to be calibrated on the H200)."""
+HOST_ENGINE_BYTES = int(0.25 * GIB)
+"""RSS a rank gains building a DeepSpeed engine beyond its tensors (CPU-Adam's extension, engine objects, allocator):
+the fixed part of the calibration fit on the CPU (tests/launch/test_memory_estimate.py, docs/performance.md)."""
 GPU_CONTEXT_BYTES = int(0.6 * GIB)
 """GPU memory the CUDA context and cuBLAS workspaces take before any tensor."""
 GPU_ALLOCATOR_SLACK = 0.05
@@ -148,6 +151,7 @@ def _model_states(n: int, world: int, ds_config: dict[str, Any]) -> list[MemoryI
             items.append(MemoryItem(name, "host", host_bytes, "lower offload_optimizer.ratio"))
         if gpu_bytes:
             items.append(MemoryItem(name, "gpu", gpu_bytes, knob))
+    items = [item for item in items if item.bytes]
     if low and stage < 3 and part > on_host:  # stage_1_and_2's step flattens the bf16 gradient partition into fp32
         items.append(MemoryItem("fp32 gradient partition (optimizer step)", "gpu", 4 * (part - on_host), knob, "step"))
     if host_share:  # the fp32 gradient partition the CPU optimizer reads (pinned when pin_memory)
@@ -164,8 +168,13 @@ def _buffers(n: int, largest_layer: int, ds_config: dict[str, Any]) -> list[Memo
     if stage == 0:
         return []
     reduce = int(zero.get("reduce_bucket_size", 500_000_000))
-    items = [MemoryItem("reduce bucket(s)", "gpu", min(reduce, n) * grad_bytes * (2 if zero.get("overlap_comm") else 1),
-                        "zero_optimization.reduce_bucket_size")]
+    # stage3.py allocates one contiguous bucket of reduce_bucket_size (counted up to N: untouched host pages are
+    # not resident); stage_1_and_2 double-buffers it with overlap_comm.
+    copies = 2 if stage < 3 and zero.get("overlap_comm") else 1
+    items = [MemoryItem("reduce bucket(s)", "gpu", min(reduce, n) * grad_bytes * copies, "zero_optimization.reduce_bucket_size")]
+    if stage == 3:  # autograd's full-size gradients of gathered parameters, waiting in the bucket for reduce-scatter
+        items.append(MemoryItem("full gradients before reduce-scatter", "gpu", min(reduce, n) * grad_bytes,
+                                "zero_optimization.reduce_bucket_size", "backward"))
     if stage in (1, 2):
         gather = int(zero.get("allgather_bucket_size", 500_000_000))
         items.append(MemoryItem("allgather bucket", "gpu", min(gather, n) * grad_bytes, "zero_optimization.allgather_bucket_size"))
@@ -232,6 +241,7 @@ def estimate_memory(model: ModelConfig, train: TrainConfig, ds_config: dict[str,
                 MemoryItem("allocator fragmentation", "gpu", int(allocated * GPU_ALLOCATOR_SLACK))]
         host.append(MemoryItem("CUDA runtime and libraries", "host", HOST_CUDA_RUNTIME_BYTES))
     host.append(MemoryItem("process baseline (torch + deepspeed)", "host", HOST_BASELINE_BYTES))
+    host.append(MemoryItem("DeepSpeed engine, CPU-Adam extension, allocator", "host", HOST_ENGINE_BYTES))
     if not zero_init:
         host.append(MemoryItem("full fp32 model built on the host before the engine", "host", 4 * n,
                                "zero_optimization.stage = 3 (built under deepspeed.zero.Init)"))
