@@ -139,7 +139,10 @@ def _model_states(n: int, world: int, ds_config: dict[str, Any]) -> list[MemoryI
                             "zero_optimization.stage = 3" if stage < 3 else "zero_optimization.offload_param"))
     host_share = host_fraction_of_optimizer(ds_config, part)
     on_host = int(part * host_share)
-    grads = n if stage <= 1 else part - on_host  # the offloaded share's gradients go straight to the host buffer
+    offloaded = _offload(ds_config, "offload_optimizer") is not None
+    # With offload_optimizer the whole gradient partition lives in one host buffer, whatever the ratio (stage3.py:
+    # grad_partitions_flat_buffer on self.device = cpu); the device's sub-groups copy theirs back for the step.
+    grads = n if stage <= 1 else (0 if offloaded else part)
     items.append(MemoryItem(f"{'bf16' if low else 'fp32'} gradients{' partition' if stage >= 2 else ''}", "gpu",
                             grads * weight_bytes, "zero_optimization.stage = 2"))
     knob = "zero_optimization.offload_optimizer (ratio)"
@@ -154,8 +157,12 @@ def _model_states(n: int, world: int, ds_config: dict[str, Any]) -> list[MemoryI
     items = [item for item in items if item.bytes]
     if low and stage < 3 and part > on_host:  # stage_1_and_2's step flattens the bf16 gradient partition into fp32
         items.append(MemoryItem("fp32 gradient partition (optimizer step)", "gpu", 4 * (part - on_host), knob, "step"))
+    if stage == 3 and offloaded and part > on_host:
+        items.append(MemoryItem("fp32 gradients of the device's sub-groups (optimizer step)", "gpu", 4 * (part - on_host),
+                                knob, "step"))
     if host_share:  # the fp32 gradient partition the CPU optimizer reads (pinned when pin_memory)
-        items.append(MemoryItem("fp32 gradients for CPU-Adam", "host", on_host * 4, "lower offload_optimizer.ratio"))
+        items.append(MemoryItem("fp32 gradient partition (host buffer)", "host", (part if stage == 3 else on_host) * 4,
+                                "zero_optimization.offload_optimizer"))
         if stage < 3:  # stage_1_and_2 keeps a bf16/fp32 copy to send updated weights back
             items.append(MemoryItem("weight staging for CPU offload", "host", part * weight_bytes, "zero_optimization.offload_optimizer"))
     return items

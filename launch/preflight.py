@@ -156,6 +156,7 @@ def check(args: argparse.Namespace) -> Findings:
     launch_facts(launch.config, launch, not args.skip_checksums, found)
     if launch.ds_config is not None and world is not None:
         summarise_batch(launch.config, launch.ds_config, world, found)
+    if launch.ds_config is not None and world is not None and not found.problems:  # judged on an otherwise sound launch
         from launch.memory_check import check_memory
 
         check_memory(launch.config, launch.ds_config, world, found, args.host_memory_gib, args.gpu_memory_gib)

@@ -171,4 +171,4 @@ def test_gpu_memory_flag_judges_the_gpu_peak_for_another_machine(shards, tmp_pat
     assert line.startswith("error: estimated gpu peak ") and "> --gpu-memory-gib 0.5 GiB" in line and "CUDA context 0.6 GiB" in line
     fits = preflight(*tiny_train_args(tmp_path / "run", shards), "--gpu-memory-gib", "140", "--host-memory-gib", "64")
     assert fits.returncode == 0, fits.stderr
-    assert "  memory        estimated GPU peak 0.6 GiB per rank (cuda), host peak 2.4 GiB of 64.0 GiB" in fits.stdout
+    assert "  memory        estimated GPU peak 0.6 GiB per rank (cuda), host peak 2.6 GiB of 64.0 GiB" in fits.stdout
