@@ -9,7 +9,8 @@ defined here), a JSON of ds_configs/, and settings: `train.*` / `model.*` overri
 other dotted key sets the DeepSpeed JSON (e.g. `zero_optimization.offload_optimizer.ratio=0.5`). The model
 is built by pretrain.model_init.build_model (under deepspeed.zero.Init for ZeRO-3: no full fp32 copy on the
 host). Each row trains --steps steps of random tokens after one warm-up step and prints one table line;
---json writes them all. Runs on the CPU too (a tiny preset proves the table, tests/bench/test_max_model.py).
+--json writes them all, with each row's resolved configs: `python -m launch.memory_compare ROWS.json` prints
+launch.memory_estimate's GPU/host peaks next to the measured ones. Runs on the CPU too (a tiny preset proves the table, tests/bench/test_max_model.py).
 
 Checkpoint writers (DeepSpeed 0.19.8, runtime/model_checkpointing/writer_factory.py): `"type": "fast"`
 loads AsyncIOBuilder (libaio, JIT-built) or GDS; `"type": "python"` (PyFileWriter) and `"decoupled": true`
@@ -26,6 +27,7 @@ import resource
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -113,7 +115,10 @@ def run_row(row: str, args, info) -> dict:
     result = {"row": row, "params": params, "tokens_per_step": step_tokens, "tokens_per_second": per_second,
               "mfu": per_second / info.world_size * flops_per_token(config.model, train.seq_len) / H200_PEAK_BF16 if cuda else None,
               "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None, "host_peak_bytes": host_peak,
-              "host_bytes_per_param": host_peak / params, "loss": final}
+              "host_bytes_per_param": host_peak / params, "loss": final,
+              # what launch.memory_compare needs to put the estimate next to the measurement (bench may not import launch/)
+              "config": {"model": asdict(config.model), "train": asdict(train), "ds_config": ds_config,
+                         "world": info.world_size, "device": info.device.type}}
     if args.save:
         folder = args.save_dir / f"{preset}-{json_name}"
         shutil.rmtree(folder, ignore_errors=True)

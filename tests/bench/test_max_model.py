@@ -30,3 +30,10 @@ def test_rows_print_one_table_with_params_tokens_host_peak_and_the_timed_save(tm
     assert first["writer"] == json.dumps({"type": "python", "decoupled": False}) and second["writer"] == '"torch.save"'
     assert all(r["checkpoint_bytes"] > 12 * r["params"] and r["host_peak_bytes"] > 0 and r["mfu"] is None for r in data)
     assert (tmp_path / "ckpt" / "tiny-zero3_offload" / "latest").read_text() == "bench"
+    compare = subprocess.run([sys.executable, "-m", "launch.memory_compare", str(out)], cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+    assert compare.returncode == 0, compare.stderr[-3000:]
+    lines = compare.stdout.splitlines()
+    assert lines[0].split() == ["row", "GPU", "GiB", "estimate", "diff", "host", "GiB", "estimate", "diff"]
+    assert [line.split()[0] for line in lines[1:]] == rows
+    assert all(line.split()[1:4] == ["-", "-", "-"] and line.endswith("%") for line in lines[1:])  # no GPU here: host only
