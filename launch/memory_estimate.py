@@ -24,7 +24,9 @@ fp32 on the host (4 N per rank); lmforge builds ZeRO-3 models under zero.Init (p
 Activations (`_activations`) are counted per layer from what this repo's Llama/GPT-2 blocks save for
 backward under bf16 autocast (the residual stream stays fp32, matmul inputs are bf16, SDPA keeps no
 T×T matrix); with activation checkpointing a checkpointed block keeps only its fp32 input and one
-block is recomputed at a time. The logits are counted apart: bf16 out of the head, its fp32 copy,
+block is recomputed at a time. Under torch_autocast, torch.autocast's cast cache holds a bf16 copy of every
+weight the forward used until the forward ends (2 B/param; DeepSpeed enters autocast with its default
+cache_enabled=True, runtime/torch_autocast.py). The logits are counted apart: bf16 out of the head, its fp32 copy,
 cross-entropy's fp32 log-softmax and, in backward, the fp32 gradient: 14 bytes per token and vocab entry.
 
 Cross-check with DeepSpeed's estimators (tests/launch/test_memory_estimate.py): `estimate_zero2_model_states_mem_needs`
@@ -202,7 +204,7 @@ def activation_bytes_per_layer(model: ModelConfig, tokens: int) -> int:
     return tokens * (attention + mlp + 4 * d)  # + the fp32 residual add
 
 
-def _activations(model: ModelConfig, train: TrainConfig, ds_config: dict[str, Any]) -> list[MemoryItem]:
+def _activations(model: ModelConfig, train: TrainConfig, ds_config: dict[str, Any], n_params: int | None = None) -> list[MemoryItem]:
     tokens = train.micro_batch_size * train.seq_len
     per_layer = activation_bytes_per_layer(model, tokens)
     every = activation_checkpoint_every(ds_config, model.n_layers)
@@ -214,7 +216,11 @@ def _activations(model: ModelConfig, train: TrainConfig, ds_config: dict[str, An
         kept = checkpointed * 4 * tokens * model.d_model + (model.n_layers - checkpointed) * per_layer + per_layer
         name, knob = f"activations (checkpointing every {every} block(s), one recomputed)", "train.micro_batch_size"
     logits = 14 * tokens * model.padded_vocab_size
-    return [MemoryItem(name, "gpu", kept, knob, "backward"),
+    cache = []
+    if precision_of(ds_config).startswith("autocast"):  # torch.autocast (cache_enabled) keeps a bf16 cast of every weight until forward ends
+        n = n_params or 0
+        cache = [MemoryItem("torch.autocast's bf16 weight-cast cache (forward)", "gpu", 2 * n, "bf16 (DeepSpeed's, not torch_autocast)", "backward")]
+    return cache + [MemoryItem(name, "gpu", kept, knob, "backward"),
             MemoryItem("logits and cross-entropy (bf16 + fp32 copies)", "gpu", logits, "train.micro_batch_size", "backward")]
 
 
@@ -237,7 +243,7 @@ def estimate_memory(model: ModelConfig, train: TrainConfig, ds_config: dict[str,
     ranks = ranks_per_host or world
     zero_init = zero_stage_of(ds_config) == 3 if zero_init is None else zero_init
     rank_items = _model_states(n, world, ds_config) + _buffers(n, largest_layer_params(model), ds_config)
-    rank_items += _activations(model, train, ds_config)
+    rank_items += _activations(model, train, ds_config, n)
     gpu = [i for i in rank_items if i.where == "gpu"]
     host = [i for i in rank_items if i.where == "host"]
     if device == "cpu":

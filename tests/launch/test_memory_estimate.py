@@ -45,9 +45,12 @@ def test_7b_zero2_bf16_on_one_gpu_holds_16_bytes_per_parameter_plus_the_step_tim
     assert estimate.gpu_peak / GIB < 140  # fits one H200
 
 
-def test_zero1_under_torch_autocast_keeps_a_fp32_master_clone_too_20_bytes_per_parameter():
+def test_zero1_under_torch_autocast_keeps_a_fp32_master_clone_and_a_bf16_cast_cache_and_overflows_one_h200():
     estimate = estimate_memory(LLAMA_7B, TRAIN, ds_json(1, precision="autocast"), world=1)
     assert state_bytes(estimate, "gpu") == 20 * estimate.params
+    cache = next(i for i in estimate.items if i.name.startswith("torch.autocast's bf16 weight-cast cache"))
+    assert (cache.bytes, cache.phase) == (2 * estimate.params, "backward")  # a bf16 copy of every weight until forward ends
+    assert estimate.gpu_peak / GIB > 140  # so 7B at ZeRO-1 under torch_autocast does not fit one H200
 
 
 def test_activation_checkpointing_keeps_only_each_blocks_input():
