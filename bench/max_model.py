@@ -1,22 +1,33 @@
-"""The largest Llama that trains on one GPU with ZeRO-3, CPU offload and activation checkpointing.
+"""The largest Llama one machine trains: parameters, throughput, MFU, GPU and host peaks, checkpoint save time.
 
-    python -m bench.max_model --presets llama-1b,llama-7b,llama-13b --host-limit-gib 128
+    python -m bench.max_model --rows llama-7b:zero2_bf16:train.micro_batch_size=1+train.seq_len=2048 \\
+        llama-13b:zero3_offload:zero_optimization.offload_optimizer.ratio=0.5 --save
 
-Tries each size in turn through lmforge's engine (ds_configs/zero3_offload.json: optimizer and
-parameters on the CPU, every block checkpointed), a few steps of micro-batch 1 at --seq-len, and
-prints one table: parameters, tokens/s, peak GPU memory, peak host memory, and whether it fits
-under --host-limit-gib of host RAM. `llama-13b` is defined here (Llama-2-13B's shape); the others
-come from configs/.
+A row is `preset:dsjson[:key=value+key=value]`: a preset of configs/ (or `llama-13b`, Llama-2-13B's shape,
+defined here), a JSON of ds_configs/, and settings: `train.*` / `model.*` override the YAML (as --set does),
+`save.writer=python|fast` and `save.decoupled=true` pick DeepSpeed's checkpoint writer for --save, any
+other dotted key sets the DeepSpeed JSON (e.g. `zero_optimization.offload_optimizer.ratio=0.5`). The model
+is built by pretrain.engine.build_model (under deepspeed.zero.Init for ZeRO-3: no full fp32 copy on the
+host). Each row trains --steps steps of random tokens after one warm-up step and prints one table line;
+--json writes them all, with each row's resolved configs: `python -m launch.memory_compare ROWS.json` prints
+launch.memory_estimate's GPU/host peaks next to the measured ones. Runs on the CPU too (a tiny preset proves the table, tests/bench/test_max_model.py).
+
+Checkpoint writers (DeepSpeed 0.19.8, runtime/model_checkpointing/writer_factory.py): `"type": "fast"`
+loads AsyncIOBuilder (libaio, JIT-built) or GDS; `"type": "python"` (PyFileWriter) and `"decoupled": true`
+(a writer process, runtime/checkpoint_engine/decoupled_checkpoint_engine.py) build no aio op. The writer
+engine reads CROSS_SIZE/CROSS_RANK, which only DeepSpeed's launcher sets: a row with save.* defaults them to one host.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import resource
+import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,84 +35,143 @@ import torch
 from lmforge.distributed import init_distributed, shutdown
 from pretrain.config import load_pretrain_config, resolve_repo_path
 from pretrain.ds_config import build_deepspeed_config
-from pretrain.model import ModelConfig, Transformer
+from pretrain.model import flops_per_token
 
-EXTRA = {"llama-13b": dict(arch="llama", n_layers=40, n_heads=40, d_model=5120, d_ff=13824, max_seq_len=4096)}
-
-
-def model_config(preset: str) -> ModelConfig:
-    if preset in EXTRA:
-        return ModelConfig(vocab_size=32000, **EXTRA[preset])
-    return load_pretrain_config(preset).model.with_vocab(32000)
+H200_PEAK_BF16 = 989.4e12
+"""Dense bf16 tensor-core peak of one H200 (and H100 SXM), FLOP/s."""
+LLAMA_13B = ["model.arch=llama", "model.n_layers=40", "model.n_heads=40", "model.d_model=5120", "model.d_ff=13824",
+             "model.max_seq_len=4096", "model.n_kv_heads=null"]
+VOCAB = 32000
 
 
-def host_peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def parse_row(row: str) -> tuple[str, str, dict[str, str]]:
+    """`preset:dsjson[:k=v+k=v]` -> (preset, json name, settings)."""
+    parts = row.split(":", 2)
+    if len(parts) < 2:
+        raise SystemExit(f"--rows {row!r}: expected preset:dsjson[:key=value+key=value]")
+    settings = dict(item.split("=", 1) for item in parts[2].split("+") if item) if len(parts) == 3 else {}
+    return parts[0], parts[1], settings
 
 
-def try_preset(preset: str, args, device) -> dict:
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def row_configs(preset: str, json_name: str, settings: dict[str, str], world: int, bf16: bool):
+    """(PretrainConfig, merged DeepSpeed JSON, save settings) of one row."""
+    overrides = [f"{k}={v}" for k, v in settings.items() if k.startswith(("train.", "model."))]
+    base = "llama-7b" if preset == "llama-13b" else preset
+    config = load_pretrain_config(base, (LLAMA_13B if preset == "llama-13b" else []) + [f"model.vocab_size={VOCAB}"] + overrides)
+    ds_config = build_deepspeed_config(resolve_repo_path(Path("ds_configs") / f"{json_name}.json"), config.train, world, bf16)
+    save = {k.split(".", 1)[1]: _value(v) for k, v in settings.items() if k.startswith("save.")}
+    for key, text in settings.items():
+        if key.startswith(("train.", "model.", "save.")):
+            continue
+        *path, last = key.split(".")
+        section = ds_config
+        for part in path:
+            section = section.setdefault(part, {})
+        section[last] = _value(text)
+    if save:  # DeepSpeed's writer engine reads the variables its own launcher sets; one host under python/torchrun
+        for name, default in (("CROSS_SIZE", "1"), ("CROSS_RANK", os.environ.get("GROUP_RANK", "0")), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(name, default)
+        ds_config["checkpoint"] = {"writer": {"type": save.get("writer", "python"), "decoupled": bool(save.get("decoupled", False))}}
+    return config, ds_config, save
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def run_row(row: str, args, info) -> dict:
     from pretrain.engine import build_engine, optimizer_step
+    from pretrain.engine import build_model
 
-    config = model_config(preset)
-    train = replace(load_pretrain_config("llama-7b").train, micro_batch_size=1, seq_len=args.seq_len,
-                    grad_accum_steps=1, max_steps=1000, warmup_steps=1)
-    ds_config = build_deepspeed_config(resolve_repo_path(Path("ds_configs/zero3_offload.json")), train, 1,
-                                       bf16_supported=device.type == "cuda")
-    torch.cuda.reset_peak_memory_stats()
+    preset, json_name, settings = parse_row(row)
+    cuda = info.device.type == "cuda"
+    config, ds_config, save = row_configs(preset, json_name, settings, info.world_size, cuda)
+    train = config.train
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model = build_model(config.model, ds_config)
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    engine = build_engine(model, ds_config, train.weight_decay, compile_model=False)
+    tokens = torch.randint(0, VOCAB, (train.micro_batch_size, train.seq_len + 1), device=info.device)
+    batches = [(tokens[:, :-1], tokens[:, 1:])] * train.grad_accum_steps
+    optimizer_step(engine, batches)  # warm-up: CPU-Adam's first step, buffers
+    if cuda:
+        torch.cuda.synchronize()
     started = time.perf_counter()
-    model = Transformer(config)
-    params = model.num_params()
-    engine = build_engine(model, ds_config, 0.1, compile_model=False)
-    tokens = torch.randint(0, 32000, (1, args.seq_len + 1), device=device)
-    batch = [(tokens[:, :-1], tokens[:, 1:])]
-    loss = optimizer_step(engine, batch)  # warm-up (DeepSpeedCPUAdam's first step, buffers)
-    torch.cuda.synchronize()
-    clock = time.perf_counter()
     for _ in range(args.steps):
-        loss = optimizer_step(engine, batch)
+        loss = optimizer_step(engine, batches)
     final = float(loss)
-    seconds = (time.perf_counter() - clock) / args.steps
-    result = {
-        "preset": preset, "params_b": params / 1e9, "tokens_per_second": args.seq_len / seconds,
-        "step_s": seconds, "loss": final, "gpu_peak_gb": torch.cuda.max_memory_allocated() / 1e9,
-        "host_peak_gib": host_peak_gib(), "setup_s": clock - started,
-    }
+    seconds = (time.perf_counter() - started) / args.steps
+    step_tokens = train.micro_batch_size * train.grad_accum_steps * info.world_size * train.seq_len
+    per_second = step_tokens / seconds
+    host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {"row": row, "params": params, "tokens_per_step": step_tokens, "tokens_per_second": per_second,
+              "mfu": per_second / info.world_size * flops_per_token(config.model, train.seq_len) / H200_PEAK_BF16 if cuda else None,
+              "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None, "host_peak_bytes": host_peak,
+              "host_bytes_per_param": host_peak / params, "loss": final,
+              # what launch.memory_compare needs to put the estimate next to the measurement (bench may not import launch/)
+              "config": {"model": asdict(config.model), "train": asdict(train), "ds_config": ds_config,
+                         "world": info.world_size, "device": info.device.type}}
+    if args.save:
+        folder = args.save_dir / f"{preset}-{json_name}"
+        shutil.rmtree(folder, ignore_errors=True)
+        started = time.perf_counter()
+        engine.save_checkpoint(str(folder), tag="bench")
+        result.update(save_seconds=time.perf_counter() - started, checkpoint_bytes=folder_bytes(folder),
+                      writer=json.dumps(ds_config.get("checkpoint", {}).get("writer", "torch.save")))
     del engine, model
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return result
+
+
+def _gib(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f}"
+
+
+def print_table(rows: list[dict], device: str) -> None:
+    print(f"max_model on {device}: MFU over {H200_PEAK_BF16 / 1e12:.1f} TFLOP/s dense bf16; peaks in GiB")
+    print(f"{'row':<48} {'params':>8} {'tok/step':>9} {'tok/s':>9} {'MFU':>6} {'GPU pk':>7} {'host pk':>8} {'B/param':>8} {'save s':>7} {'ckpt GiB':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['row']:<48} failed: {r['error']}")
+            continue
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        save = f"{r['save_seconds']:.1f}" if "save_seconds" in r else "-"
+        print(f"{r['row']:<48} {r['params'] / 1e9:>7.3f}B {r['tokens_per_step']:>9,} {r['tokens_per_second']:>9,.0f} {mfu:>6} "
+              f"{_gib(r['gpu_peak_bytes']):>7} {_gib(r['host_peak_bytes']):>8} {r['host_bytes_per_param']:>8.1f} {save:>7} "
+              f"{_gib(r.get('checkpoint_bytes')):>8}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", default="llama-1b,llama-7b,llama-13b")
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--rows", nargs="+", default=["llama-7b:zero2_bf16", "llama-13b:zero3_offload"])
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--host-limit-gib", type=float, default=128.0)
+    parser.add_argument("--save", action="store_true", help="time engine.save_checkpoint after the steps (and its size)")
+    parser.add_argument("--save-dir", type=Path, default=Path("runs/bench_max_model"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     info = init_distributed()
     rows = []
-    for preset in args.presets.split(","):
+    for row in args.rows:
         try:
-            rows.append(try_preset(preset, args, info.device))
-        except (torch.cuda.OutOfMemoryError, RuntimeError, MemoryError) as err:
-            rows.append({"preset": preset, "error": f"{type(err).__name__}: {str(err)[:120]}"})
+            rows.append(run_row(row, args, info))
+        except (torch.cuda.OutOfMemoryError, MemoryError) as err:  # too big is a result here, not a bug
+            rows.append({"row": row, "error": f"{type(err).__name__}: {str(err)[:120]}"})
             gc.collect()
-            torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), flush=True)
-    gpu = torch.cuda.get_device_name()
-    print(f"ZeRO-3 + CPU offload (optimizer, params) + activation checkpointing, micro-batch 1 × {args.seq_len}, {gpu}")
-    print(f"{'preset':<10} {'params':>8} {'tok/s':>8} {'step s':>7} {'GPU GB':>7} {'host GiB':>9}  fits {args.host_limit_gib:.0f} GiB host")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['preset']:<10} failed: {r['error']}")
-            continue
-        fits = "yes" if r["host_peak_gib"] <= args.host_limit_gib else "no"
-        print(f"{r['preset']:<10} {r['params_b']:>7.2f}B {r['tokens_per_second']:>8.0f} {r['step_s']:>7.1f} "
-              f"{r['gpu_peak_gb']:>7.1f} {r['host_peak_gib']:>9.1f}  {fits}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    if info.rank == 0:
+        print_table(rows, torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu")
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
     shutdown()
     return 0
 

@@ -4,7 +4,9 @@ Runs `pretrain.run_checks.check_launch`, the same checks `lmforge train` makes (
 DeepSpeed JSON: keys, types, ranges, the batch arithmetic for the world size, ZeRO and offload
 options, bf16 on this GPU; the data: manifest checksums, one tokenizer, its vocabulary; that
 run.dir can be made and has room for the checkpoints), and adds what needs no training process:
-the hostfile and the world size it gives, TORCH_CUDA_ARCH_LIST. Nothing is created unless every
+the hostfile and the world size it gives, TORCH_CUDA_ARCH_LIST, and the memory estimate
+(launch.memory_estimate): a run whose host peak exceeds the host's memory (or, with a GPU visible
+or --gpu-memory-gib, whose GPU peak exceeds the GPU's) is refused in one line. Nothing is created unless every
 check passed (then only RUN_DIR/.deepspeed_env, with --deepspeed-env). Problems go to stderr as `error: ...` lines and exit 2; otherwise an `ok`
 summary (world size, global batch, tokens/step, parameters, checkpoint size). Every launch
 script runs it first; `--print-exports` prints the `export` lines for them to eval.
@@ -42,6 +44,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     hosts.add_argument("--exclude", "-e", default="", metavar="NODE_SPEC")
     hosts.add_argument("--num_nodes", "--num-nodes", type=int, default=-1, metavar="N", help="the first N hosts")
     hosts.add_argument("--num_gpus", "--num-gpus", type=int, default=-1, metavar="N", help="slots 0..N-1 of each host")
+    memory = parser.add_argument_group("memory (the estimate of launch.memory_estimate; a run that does not fit is refused)")
+    memory.add_argument("--host-memory-gib", type=float, default=None, metavar="GIB",
+                        help="host memory of each machine (default: MemTotal of this machine's /proc/meminfo)")
+    memory.add_argument("--gpu-memory-gib", type=float, default=None, metavar="GIB",
+                        help="memory of each GPU (default: this machine's GPU; none visible and no flag: no GPU check)")
     parser.add_argument("--skip-checksums", action="store_true", help="do not re-hash the shards (sizes are still checked by training)")
     parser.add_argument("--print-exports", action="store_true",
                         help="stdout: only `export NAME=VALUE` lines for a shell to eval; the summary goes to stderr")
@@ -53,7 +60,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-SUMMARY_ORDER = ["world size", "global batch", "tokens/step", "model", "checkpoints", "deepspeed", "data",
+SUMMARY_ORDER = ["world size", "global batch", "tokens/step", "model", "checkpoints", "deepspeed", "memory", "data",
                  environment.ARCH_LIST, "deepspeed env", "note"]
 
 
@@ -61,6 +68,7 @@ SUMMARY_ORDER = ["world size", "global batch", "tokens/step", "model", "checkpoi
 class Findings:
     problems: list[str] = field(default_factory=list)
     run_dir: Path | None = None
+    ranks_per_host: int | None = None
     facts: list[tuple[str, str]] = field(default_factory=list)
 
     def fact(self, name: str, text: str) -> None:
@@ -77,6 +85,7 @@ def world_size(args: argparse.Namespace, found: Findings) -> int | None:
     if args.hostfile is None:
         size = args.world_size or launcher_world_size()
         found.fact("world size", f"{size} rank(s)")
+        found.ranks_per_host = size
         return size
     hostfile, problems = read_hostfile(args.hostfile)
     found.problems += problems
@@ -88,6 +97,7 @@ def world_size(args: argparse.Namespace, found: Findings) -> int | None:
         found.problems += str(err).splitlines()
         return None
     size = sum(len(slots) for slots in chosen.values())
+    found.ranks_per_host = max((len(slots) for slots in chosen.values()), default=0)
     if args.world_size is not None and args.world_size != size:
         found.problems.append(
             f"--world-size {args.world_size} but {args.hostfile} (with the launch's filters) gives {size} slots "
@@ -146,6 +156,10 @@ def check(args: argparse.Namespace) -> Findings:
     launch_facts(launch.config, launch, not args.skip_checksums, found)
     if launch.ds_config is not None and world is not None:
         summarise_batch(launch.config, launch.ds_config, world, found)
+    if launch.ds_config is not None and world is not None and not found.problems:  # judged on an otherwise sound launch
+        from launch.memory_check import check_memory
+
+        check_memory(launch.config, launch.ds_config, world, found, args.host_memory_gib, args.gpu_memory_gib)
     return found
 
 

@@ -151,3 +151,24 @@ def test_every_problem_is_reported_at_once(shards, tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), result.stderr
     assert "hosts:1" in lines[0] and "model.vocab_size = 1000" in lines[1] and "offload_optimizer" in lines[2]
+
+
+def test_a_run_whose_estimated_host_peak_exceeds_the_host_is_refused_in_one_line_and_nothing_is_created(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    result = preflight(*tiny_train_args(run_dir, shards), "--host-memory-gib", "0.1", "--deepspeed-env")
+    assert result.returncode == 2, result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].startswith("error: estimated host peak ") and "> --host-memory-gib 0.1 GiB; largest: " in lines[0]
+    assert "lower it with " in lines[0]
+    assert result.stdout == "" and not run_dir.exists()
+
+
+def test_gpu_memory_flag_judges_the_gpu_peak_for_another_machine(shards, tmp_path):
+    result = preflight(*tiny_train_args(tmp_path / "run", shards), "--gpu-memory-gib", "0.5", "--host-memory-gib", "64")
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: estimated gpu peak ") and "> --gpu-memory-gib 0.5 GiB" in line and "CUDA context 0.6 GiB" in line
+    fits = preflight(*tiny_train_args(tmp_path / "run", shards), "--gpu-memory-gib", "140", "--host-memory-gib", "64")
+    assert fits.returncode == 0, fits.stderr
+    assert "  memory        estimated GPU peak 0.6 GiB per rank (cuda), host peak 2.6 GiB of 64.0 GiB" in fits.stdout

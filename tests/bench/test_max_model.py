@@ -1,0 +1,39 @@
+"""bench/max_model.py on the CPU with a tiny preset, so the script cannot rot between GPU runs (no timing assertion)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_rows_print_one_table_with_params_tokens_host_peak_and_the_timed_save(tmp_path):
+    out = tmp_path / "rows.json"
+    rows = ["tiny:zero3_offload:train.micro_batch_size=2+train.seq_len=32+save.writer=python", "tiny:zero1:train.seq_len=32"]
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.max_model", "--rows", *rows, "--steps", "1", "--save", "--save-dir", str(tmp_path / "ckpt"),
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("max_model on cpu"):]
+    assert "tok/step" in table and "B/param" in table and all(row in table for row in rows)
+    data = json.loads(out.read_text())
+    assert [r["row"] for r in data] == rows
+    first, second = data
+    assert first["params"] == second["params"] > 4_000_000  # zero.Init's ds_numel counts the whole model
+    assert first["tokens_per_step"] == 2 * 32 and second["tokens_per_step"] == 8 * 32  # tiny's micro-batch 8
+    assert first["writer"] == json.dumps({"type": "python", "decoupled": False}) and second["writer"] == '"torch.save"'
+    assert all(r["checkpoint_bytes"] > 12 * r["params"] and r["host_peak_bytes"] > 0 and r["mfu"] is None for r in data)
+    assert (tmp_path / "ckpt" / "tiny-zero3_offload" / "latest").read_text() == "bench"
+    compare = subprocess.run([sys.executable, "-m", "launch.memory_compare", str(out)], cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+    assert compare.returncode == 0, compare.stderr[-3000:]
+    lines = compare.stdout.splitlines()
+    assert lines[0].split() == ["row", "GPU", "GiB", "estimate", "diff", "host", "GiB", "estimate", "diff"]
+    assert [line.split()[0] for line in lines[1:]] == rows
+    assert all(line.split()[1:4] == ["-", "-", "-"] and line.endswith("%") for line in lines[1:])  # no GPU here: host only
