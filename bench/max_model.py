@@ -87,8 +87,7 @@ def folder_bytes(folder: Path) -> int:
 
 
 def run_row(row: str, args, info) -> dict:
-    from pretrain.engine import build_engine, optimizer_step
-    from pretrain.engine import build_model
+    from pretrain.engine import build_engine, build_model, optimizer_step
 
     preset, json_name, settings = parse_row(row)
     cuda = info.device.type == "cuda"
