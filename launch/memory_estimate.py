@@ -148,8 +148,9 @@ def _model_states(n: int, world: int, ds_config: dict[str, Any]) -> list[MemoryI
     items.append(MemoryItem(f"{'bf16' if low else 'fp32'} gradients{' partition' if stage >= 2 else ''}", "gpu",
                             grads * weight_bytes, "zero_optimization.stage = 2"))
     knob = "zero_optimization.offload_optimizer (ratio)"
-    # ZeRO-3 with fp32 weights on the device uses them as the master (stage3.py); offloaded sub-groups get a copy.
-    gpu_master = 4 * (part - on_host) if (low or stage < 3) else 0
+    # fp32 weights are their own master at ZeRO-0 (torch's optimizer steps them) and on the device at ZeRO-3
+    # (stage3.py; offloaded sub-groups get a copy); ZeRO-1/2 clone them, and 16-bit weights always need one.
+    gpu_master = 4 * (part - on_host) if (low or 1 <= stage < 3) else 0
     for name, host_bytes, gpu_bytes in (("fp32 master weights", 4 * on_host, gpu_master),
                                         ("Adam moments (fp32 m, v)", 8 * on_host, 8 * (part - on_host))):
         if host_bytes:
