@@ -70,6 +70,9 @@ def _sequence_problems(parallel: ParallelConfig, model: ModelShapes, seq_len: in
     if model.n_heads % s:
         found.append(f"parallel.sequence = {s} does not divide model.n_heads = {model.n_heads}: Ulysses gives each rank "
                      f"1/{s} of the heads during attention")
+    if model.kv_heads % s:
+        found.append(f"parallel.sequence = {s} does not divide model.n_kv_heads = {model.kv_heads}: Ulysses' all-to-all "
+                     f"splits the key/value heads too")
     return found
 
 

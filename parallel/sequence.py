@@ -166,11 +166,9 @@ def sequence_slice(batch: torch.Tensor, rank: int, size: int) -> torch.Tensor:
 
 def apply_sequence_parallel(model: nn.Module, sequence_size: int) -> UlyssesGroups:
     """Makes `model` (pretrain.model.Transformer, called as model(tokens[B, T], targets[B, T])) run
-    Ulysses over groups of `sequence_size` ranks; returns the groups, DeepSpeed's `mpu`.
-
-    TODO(parallel/degrees.py, TP helper): the launch checks that P divides train.seq_len and the
-    kv heads; here a bad shape fails at the first forward.
-    """
+    Ulysses over groups of `sequence_size` ranks; returns the groups, DeepSpeed's `mpu`. The shapes
+    (P divides train.seq_len, the heads and the kv heads) are checked at launch by
+    parallel.degrees.degree_problems."""
     groups = UlyssesGroups(sequence_size)
     group = groups.get_sequence_parallel_group()
     rank = groups.get_sequence_parallel_rank()

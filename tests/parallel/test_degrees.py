@@ -54,7 +54,13 @@ def test_sequence_must_divide_the_sequence_length_and_the_heads():
     assert [line.split(":")[0] for line in found] == [
         "parallel.sequence = 3 does not divide train.seq_len = 64",
         "parallel.sequence = 3 does not divide model.n_heads = 8",
+        "parallel.sequence = 3 does not divide model.n_kv_heads = 4",
     ]
+
+
+def test_sequence_must_divide_the_kv_heads_of_grouped_query_attention():
+    found = problems(world=4, sequence=4, seq_len=64, shapes=Shapes(n_heads=8, kv_heads=2))
+    assert [line.split(":")[0] for line in found] == ["parallel.sequence = 4 does not divide model.n_kv_heads = 2"]
 
 
 def test_expert_must_divide_the_experts_and_the_data_group():
