@@ -236,13 +236,15 @@ def estimate_memory(model: ModelConfig, train: TrainConfig, ds_config: dict[str,
     `ds_config` on `world` data-parallel ranks (`ranks_per_host` of them on one host, default all).
 
     device 'cpu' (DeepSpeed's CPU accelerator) puts every 'gpu' item in host memory as well, with no CUDA
-    runtime. zero_init (default: true at ZeRO-3, as pretrain.engine.build_model builds) says whether ranks skip the
+    runtime. zero_init (default: true at ZeRO-3 with an offload, as pretrain.engine.build_model builds) says whether ranks skip the
     full fp32 model on the host. Returns the items; `.gpu_peak` / `.host_peak` are their sums."""
     from pretrain.run_checks import parameter_count
 
     n = parameter_count(model)
     ranks = ranks_per_host or world
-    zero_init = zero_stage_of(ds_config) == 3 if zero_init is None else zero_init
+    if zero_init is None:  # as pretrain.engine.build_model builds: under zero.Init at ZeRO-3 with an offload
+        offloads = _offload(ds_config, "offload_optimizer") or _offload(ds_config, "offload_param")
+        zero_init = zero_stage_of(ds_config) == 3 and bool(offloads)
     rank_items = _model_states(n, world, ds_config) + _buffers(n, largest_layer_params(model), ds_config)
     rank_items += _activations(model, train, ds_config, n)
     gpu = [i for i in rank_items if i.where == "gpu"]

@@ -115,9 +115,9 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     problems += precision_problems(raw, path, gpu, bf16_supported())
     problems += tensor_parallel_json_problems(raw, config.parallel.tensor, str(path))
-    if world_size is not None:
-        problems += degree_problems(config.parallel, world_size, config.model, config.train.seq_len, zero_stage_of(raw))
     if not problems:  # the stage is read from a JSON that passed its checks
+        if world_size is not None:
+            problems += degree_problems(config.parallel, world_size, config.model, config.train.seq_len, zero_stage_of(raw))
         problems += sequence_parallel_problems(config.parallel, zero_stage_of(raw), config.deepspeed.config)
     found.problems += problems
     if problems or world_size is None:

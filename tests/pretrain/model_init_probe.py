@@ -14,7 +14,7 @@ def main(out: str, arch: str) -> None:
 
     info = init_distributed()
     config = ModelConfig(arch=arch, vocab_size=100, n_layers=2, d_model=32, n_heads=4, max_seq_len=16)
-    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
     torch.manual_seed(7)
     model = build_model(config, ds)
     with deepspeed.zero.GatheredParameters(list(model.parameters())):

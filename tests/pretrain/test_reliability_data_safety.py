@@ -151,7 +151,7 @@ def test_a_config_or_owner_marker_write_on_a_full_disk_is_one_line_and_leaves_no
 
     disk = small_disk("1M")
     filler = fill(disk, leave=0)
-    with pytest.raises(LmforgeError, match=r"config.yaml: out of space \(about \d+ B needed, 0 B free"):
+    with pytest.raises(LmforgeError, match=r"config.yaml: out of space \(about [\d.]+ [KM]?B needed, 0 B free"):
         save_config(load_pretrain_config("tiny"), disk / "config.yaml")
     with pytest.raises(LmforgeError, match=r".lmforge-owner.json: out of space \(about 4.1 KB needed"):
         ownership.write_owner(disk, "run", "train")
