@@ -70,17 +70,7 @@ def hf_config(model: ModelConfig, special: SpecialTokens, dtype: str) -> dict[st
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
-            "hidden_size": model.d_model,
-            "intermediate_size": model.hidden_dim,
-            "num_hidden_layers": model.n_layers,
-            "num_attention_heads": model.n_heads,
-            "num_key_value_heads": model.kv_heads,
-            "head_dim": model.head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": model.max_seq_len,
-            "rms_norm_eps": model.norm_eps,
-            "rope_theta": model.rope_theta,  # transformers 4.x; 5.x reads rope_parameters
-            "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
+            **_llama_family_keys(model),
             "rope_scaling": None,
             "attention_bias": model.use_bias,
             "mlp_bias": model.use_bias,
@@ -114,13 +104,9 @@ def hf_config(model: ModelConfig, special: SpecialTokens, dtype: str) -> dict[st
     }
 
 
-def _mixtral_config(model: ModelConfig, common: dict[str, Any]) -> dict[str, Any]:
-    if model.use_bias:
-        raise LmforgeError(f"model.bias = {model.bias}: HF's Mixtral has no biases, so an MoE model with biases "
-                           "cannot be exported as MixtralForCausalLM")
+def _llama_family_keys(model: ModelConfig) -> dict[str, Any]:
+    """The decoder's shape keys LlamaForCausalLM and MixtralForCausalLM share."""
     return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
         "hidden_size": model.d_model,
         "intermediate_size": model.hidden_dim,
         "num_hidden_layers": model.n_layers,
@@ -130,8 +116,19 @@ def _mixtral_config(model: ModelConfig, common: dict[str, Any]) -> dict[str, Any
         "hidden_act": "silu",
         "max_position_embeddings": model.max_seq_len,
         "rms_norm_eps": model.norm_eps,
-        "rope_theta": model.rope_theta,
+        "rope_theta": model.rope_theta,  # transformers 4.x; 5.x reads rope_parameters
         "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
+    }
+
+
+def _mixtral_config(model: ModelConfig, common: dict[str, Any]) -> dict[str, Any]:
+    if model.use_bias:
+        raise LmforgeError(f"model.bias = {model.bias}: HF's Mixtral has no biases, so an MoE model with biases "
+                           "cannot be exported as MixtralForCausalLM")
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        **_llama_family_keys(model),
         "sliding_window": None,
         "attention_dropout": model.dropout,
         "num_local_experts": model.n_experts,
