@@ -70,11 +70,15 @@ def test_mixtral_config_and_weights_map_back_to_the_moe_model(exported_moe):
 
 
 def test_import_hf_of_the_mixtral_export_is_a_run_with_the_same_weights(exported_moe, tmp_path):
-    from run_tools import import_hf
+    from tests.pretrain.training_runs import REPO, run_env
 
     run_dir, out, _, _ = exported_moe
     model, _, _ = load_checked_model(run_dir)
-    assert import_hf.main(["--model", str(out), "--output", str(tmp_path / "imported")]) == 0
+    # in a process of its own: import-hf opens a process group, whose port must not stay held by pytest's process
+    # (and inherited by later tests' ranks through MASTER_PORT)
+    cmd = [sys.executable, "-m", "lmforge.cli", "import-hf", "--model", str(out), "--output", str(tmp_path / "imported")]
+    done = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
     imported, config, _ = load_checked_model(tmp_path / "imported")
     assert config.model.n_experts == 4
     ours = model.state_dict()
