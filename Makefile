@@ -15,7 +15,7 @@ $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q '$(TORCH_SPEC)'
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[test,eval]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[test,eval,fp8]'
 	if command -v mpicc >/dev/null; then $(PY) -m pip install -q mpi4py; fi
 	touch $(STAMP)
 

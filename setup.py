@@ -28,6 +28,7 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
+        "fp8": ["torchao>=0.17"],  # train.float8 (pretrain/float8.py)
         "test": ["pytest>=8", "hypothesis>=6", "import-linter>=2.1"],
         # lm-evaluation-harness on an exported model (docs/interop.md); the tests use it too.
         "eval": ["lm-eval[hf]>=0.4.13"],

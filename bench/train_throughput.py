@@ -34,6 +34,7 @@ import gc
 import json
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -436,6 +437,9 @@ def main(argv=None) -> int:
             results.append(Result(variant, 0.0, 0.0, 0.0, 0.0, note="out of memory"))
             gc.collect()
             torch.cuda.empty_cache()
+        except Exception as err:  # one variant that cannot run (e.g. a torch.compile mode) keeps the others' table
+            traceback.print_exc()
+            results.append(Result(variant, 0.0, 0.0, 0.0, 0.0, note=f"failed: {type(err).__name__}: {str(err)[:80]}"))
         print(f"measured {variant}: {results[-1].tokens_per_second:.0f} tok/s", flush=True)
     reference = "raw" if any(r.variant == "raw" for r in results) else "baseline"
     base = next((r.tokens_per_second for r in results if r.variant == reference and r.tokens_per_second), None)

@@ -97,6 +97,12 @@ class TrainConfig:
     """torch.compile the model (worth it on GPU; slow to start on CPU)."""
     compile_scope: Literal["model", "blocks"] = "model"
     """What torch.compile compiles: the whole model, or each block alone (one compilation reused by every layer: a faster start)."""
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = "default"
+    """torch.compile's mode: "max-autotune-no-cudagraphs" searches matmul kernels (minutes more to start),
+    "reduce-overhead" replays the model's kernels as CUDA graphs (docs/performance.md has both measured)."""
+    float8: Literal["off", "tensorwise", "rowwise"] = "off"
+    """FP8 matmuls in the blocks' linear layers (torchao float8 training, pretrain/float8.py; a GPU of
+    compute capability >= 8.9 and torchao): a scale per tensor, or per row (more accurate, slower)."""
     max_bad_steps: int = 5
     """Consecutive optimizer steps with a non-finite loss or gradient (each skipped) that stop training."""
 

@@ -95,7 +95,8 @@ def model_parameters(model: torch.nn.Module) -> int:
 
 
 def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool,
-                 decay_embeddings: bool = False, guard_clips: bool = False, compile_scope: str = "model", mpu=None):
+                 decay_embeddings: bool = False, guard_clips: bool = False, compile_scope: str = "model", mpu=None,
+                 compile_mode: str = "default"):
     """Returns the DeepSpeed engine (optimizer and WarmupCosineLR scheduler from the JSON).
 
     The model is compiled in place before DeepSpeed wraps it: measured faster than
@@ -118,7 +119,7 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     apply_activation_checkpointing(model, ds_config)
     deepcompile = bool(ds_config.get("compile", {}).get("deepcompile"))
     if compile_model and not deepcompile:
-        compile_in_place(model, compile_scope)
+        compile_in_place(model, compile_scope, compile_mode)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, weight_decay, decay_embeddings), config=ds_config,
         # Ulysses' groups (parallel/sequence.py), else AutoTP's (parallel/tensor.py): the checks allow one of them
@@ -129,14 +130,15 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     return engine
 
 
-def compile_in_place(model: Transformer, scope: str) -> None:
+def compile_in_place(model: Transformer, scope: str, mode: str = "default") -> None:
     """torch.compile the whole model, or (scope "blocks") each block alone: identical blocks share
-    one compiled graph, so compilation takes about one layer's time instead of all of them."""
+    one compiled graph, so compilation takes about one layer's time instead of all of them.
+    `mode`: torch.compile's (train.compile_mode)."""
     if scope == "blocks":
         for block in model.blocks:
-            block.compile()
+            block.compile(mode=mode)
     else:
-        model.compile()
+        model.compile(mode=mode)
 
 
 def _build_pipeline_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool,

@@ -23,6 +23,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from pretrain.config import DataConfig, PretrainConfig, TrainConfig, resolve_repo_path
+from pretrain.float8 import float8_problems
 from pretrain.model import ModelConfig, Transformer
 
 
@@ -232,6 +233,7 @@ def check_launch(config: PretrainConfig, world_size: int | None, verify_checksum
         found.vocab = vocab
         config = found.config = replace(config, model=config.model.with_vocab(vocab))
     _deepspeed(config, world_size, found)
+    found.problems += float8_problems(config.train.float8, torch.device("cuda") if torch.cuda.is_available() else None)
     if vocab is not None:
         _datasets(config, found)
     problem = run_dir_problem(config.run.dir) or _ownership_problem(config)

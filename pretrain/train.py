@@ -83,9 +83,14 @@ class Trainer:
             mpu = apply_sequence_parallel(self.model, self.config.parallel.sequence)
         if self.config.parallel.expert > 1:  # experts sharded by DeepSpeed's MoE layers (parallel/experts.py)
             apply_expert_parallel(self.model.blocks, self.config.parallel.expert, load_balancing_loss)
+        if train.float8 != "off":
+            from pretrain.float8 import convert_to_float8
+
+            convert_to_float8(self.model, train.float8)
         on_device = guards_on_device(ds_config)
         self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile, train.decay_embeddings,
-                                   guard_clips=on_device, compile_scope=train.compile_scope, mpu=mpu)
+                                   guard_clips=on_device, compile_scope=train.compile_scope, mpu=mpu,
+                                   compile_mode=train.compile_mode)
         dp_rank, dp_size = data_parallel_position(self.engine)
         self.data = TrainingData(self.config.data, train.seq_len, train.seed, dp_rank, dp_size)
         self.global_batch = train.micro_batch_size * train.grad_accum_steps * dp_size
