@@ -10,6 +10,11 @@ Two forms of one rule, "a query sees the keys of its own document at or before i
 Which one is used is `model.document_attention` (pretrain.model.ModelConfig): `auto` takes FlexAttention
 on CUDA (compiled: eager FlexAttention materialises the full score matrix) and the dense mask elsewhere.
 torch has no FlexAttention backward on CPU, so `flex` on CPU is for inference and reference checks.
+
+Under torch.compile: with the whole model compiled the BlockMask is built inside the graph from
+segment_ids (a graph input, so a new document layout does not recompile); with each block compiled
+(train.compile_scope = blocks) it is built once per forward by a compiled create_block_mask and passed
+to every block. Neither breaks the graph (tests/pretrain/test_document_attention.py).
 """
 from __future__ import annotations
 

@@ -73,6 +73,19 @@ def test_flex_gradients_equal_dense_mask_gradients(arch, flex_backward_on_cpu):
         assert (param.grad - dense_grads[name].grad).abs().max().item() < 1e-5 * max(1.0, scale), name
 
 
+def test_activation_checkpointing_recomputes_flex_blocks_to_the_same_gradients(flex_backward_on_cpu):
+    from pretrain.activation_checkpointing import apply_activation_checkpointing
+
+    flex, dense = model_pair("llama")
+    assert apply_activation_checkpointing(flex, {"activation_checkpointing": {}}) == 2  # torch's non-reentrant checkpoint
+    inputs, targets, segments = packed_batch()
+    flex(inputs, targets, segment_ids=segments).backward()
+    dense(inputs, targets, segment_ids=segments).backward()
+    dense_grads = dict(dense.named_parameters())
+    for name, param in flex.named_parameters():
+        assert (param.grad - dense_grads[name].grad).abs().max().item() < 1e-5, name
+
+
 def test_the_block_mask_skips_blocks_across_documents_and_above_the_diagonal():
     # Row 0: documents of 128 and 256 tokens; row 1: one document of 384.
     segments = torch.tensor([[0] * 128 + [1] * 256, [0] * 384])
