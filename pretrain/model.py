@@ -12,6 +12,9 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
+
+from pretrain.document_attention import document_mask, document_positions, flex_document_attention
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class ModelConfig:
     """Experts each token is routed to (top-k of the router's softmax, weights renormalised)."""
     router_aux_loss_coef: float = 0.01
     """Weight of the load-balancing loss (Mixtral's, mean over MoE blocks) added to the training loss."""
+    document_attention: Literal["auto", "flex", "sdpa"] = "auto"
+    """Kernel for packed documents (segment_ids): flex (FlexAttention, blocks across documents skipped), sdpa (a dense T x T mask); auto: flex on CUDA without dropout, else sdpa."""
 
     @property
     def kv_heads(self) -> int:
@@ -106,6 +111,9 @@ class ModelConfig:
             found.append(f"model.router_aux_loss_coef = {self.router_aux_loss_coef}: must be at least 0")
         if not 0.0 <= self.dropout < 1.0:
             found.append(f"model.dropout = {self.dropout}: must be in [0, 1)")
+        if self.document_attention == "flex" and self.dropout:
+            found.append(f"model.document_attention = flex: FlexAttention has no attention dropout (model.dropout = {self.dropout}); "
+                         "set model.dropout = 0 or model.document_attention = sdpa")
         return found
 
     def with_vocab(self, vocab_size: int) -> "ModelConfig":
@@ -168,7 +176,9 @@ class AttentionCore(nn.Module):
     group sizes come from the tensors, so it works on any rank's share of the heads.
     """
 
-    def forward(self, q, k, v, mask: torch.Tensor | None, is_causal: bool, dropout_p: float) -> torch.Tensor:
+    def forward(self, q, k, v, mask: torch.Tensor | BlockMask | None, is_causal: bool, dropout_p: float) -> torch.Tensor:
+        if isinstance(mask, BlockMask):  # packed documents on FlexAttention (pretrain/document_attention.py)
+            return flex_document_attention(q, k, v, mask)
         if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head across a group
             repeat = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(repeat, dim=1)
@@ -189,8 +199,8 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.core = AttentionCore()
 
-    def forward(self, x, rope, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """mask: None (causal), or a boolean [B, 1, T, keys] of what each query may attend to."""
+    def forward(self, x, rope, cache: KVCache | None = None, mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
+        """mask: None (causal), a boolean [B, 1, T, keys] of what each query may attend to, or a BlockMask."""
         B, T, _ = x.shape
         c = self.config
         # Head counts come from the tensors: a tensor-parallel rank holds n_heads / tensor of them.
@@ -282,7 +292,7 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MoEMLP(config) if config.n_experts else MLP(config)
 
-    def forward(self, x, rope, cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x, rope, cache: KVCache | None = None, mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, cache, mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -346,13 +356,9 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else position_offset
         T = tokens.shape[1]
         positions, mask = None, None
-        if segment_ids is not None:
-            index = torch.arange(T, device=tokens.device)
-            first = torch.ones_like(segment_ids[:, :1], dtype=torch.bool)
-            begins = torch.cat([first, segment_ids[:, 1:] != segment_ids[:, :-1]], dim=1)
-            positions = index - torch.where(begins, index, 0).cummax(-1).values
-            same = segment_ids[:, :, None] == segment_ids[:, None, :]
-            mask = ((index[None, :] <= index[:, None]) & same)[:, None]  # [B, 1, T, T]
+        if segment_ids is not None:  # a dense [B, 1, T, T] mask or a FlexAttention BlockMask (model.document_attention)
+            positions = document_positions(segment_ids)
+            mask = document_mask(segment_ids, self.config.document_attention, self.config.dropout)
         if attention_mask is not None:
             real = attention_mask.bool()
             positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start : start + T]
