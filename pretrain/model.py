@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 from pretrain.document_attention import document_mask, document_positions, flex_document_attention
+from pretrain.linear_cross_entropy import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class ModelConfig:
     """Weight of the load-balancing loss (Mixtral's, mean over MoE blocks) added to the training loss."""
     document_attention: Literal["auto", "flex", "sdpa"] = "auto"
     """Kernel for packed documents (segment_ids): flex (FlexAttention, blocks across documents skipped), sdpa (a dense T x T mask); auto: flex on CUDA without dropout, else sdpa."""
+    loss_chunk_tokens: int = 0
+    """Tokens per chunk of the LM head + cross-entropy in training (pretrain/linear_cross_entropy.py): logits of one
+    chunk at a time, never of the whole batch; 0: the plain head (docs/performance.md has both measured)."""
 
     @property
     def kv_heads(self) -> int:
@@ -111,6 +115,8 @@ class ModelConfig:
             found.append(f"model.router_aux_loss_coef = {self.router_aux_loss_coef}: must be at least 0")
         if not 0.0 <= self.dropout < 1.0:
             found.append(f"model.dropout = {self.dropout}: must be in [0, 1)")
+        if self.loss_chunk_tokens < 0:
+            found.append(f"model.loss_chunk_tokens = {self.loss_chunk_tokens}: must be 0 (the plain head) or a number of tokens")
         if self.document_attention == "flex" and self.dropout:
             found.append(f"model.document_attention = flex: FlexAttention has no attention dropout (model.dropout = {self.dropout}); "
                          "set model.dropout = 0 or model.document_attention = sdpa")
@@ -387,7 +393,10 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(tokens, cache, attention_mask, segment_ids, position_offset)
         if targets is None:
             return self.logits(hidden)
-        loss = token_cross_entropy(self.lm_head(hidden), targets).mean()
+        if self.config.loss_chunk_tokens:
+            loss = linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.loss_chunk_tokens)
+        else:
+            loss = token_cross_entropy(self.lm_head(hidden), targets).mean()
         if self.config.n_experts and self.config.router_aux_loss_coef:
             loss = loss + self.config.router_aux_loss_coef * self.router_aux_loss()
         return loss

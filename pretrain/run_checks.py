@@ -234,6 +234,12 @@ def check_launch(config: PretrainConfig, world_size: int | None, verify_checksum
         config = found.config = replace(config, model=config.model.with_vocab(vocab))
     _deepspeed(config, world_size, found)
     found.problems += float8_problems(config.train.float8, torch.device("cuda") if torch.cuda.is_available() else None)
+    if config.model.loss_chunk_tokens and found.ds_config is not None:
+        from pretrain.ds_config import zero_stage_of
+
+        if zero_stage_of(found.ds_config) == 3 or config.parallel.pipeline_stages > 1:
+            found.problems.append(f"model.loss_chunk_tokens = {config.model.loss_chunk_tokens}: the chunked head runs at ZeRO 0-2 "
+                                  "without pipeline stages (ZeRO-3 partitions the head's weight); set it to 0")
     if vocab is not None:
         _datasets(config, found)
     problem = run_dir_problem(config.run.dir) or _ownership_problem(config)

@@ -155,3 +155,13 @@ def test_a_gpt2_model_with_grouped_query_attention_is_refused_before_training_no
                               "has no grouped-query attention, so it could never be exported); set it to null or 4, or use "
                               "model.arch = llama"]
     assert run_checks.check_launch(tiny_config(tmp_path, shards, "model.arch=gpt2", "model.n_kv_heads=null"), 1).problems == []
+
+
+@pytest.mark.parametrize("json_name, refused", [("zero3", True), ("zero2", False)])
+def test_the_chunked_head_is_refused_where_zero3_partitions_its_weight(shards, tmp_path, json_name, refused):
+    config = tiny_config(tmp_path, shards, "model.loss_chunk_tokens=64", f"deepspeed.config=ds_configs/{json_name}.json")
+    found = run_checks.check_launch(config, 1, verify_checksums=False)
+    chunk_lines = [p for p in found.problems if p.startswith("model.loss_chunk_tokens = 64")]
+    assert len(chunk_lines) == (1 if refused else 0), found.problems
+    if not refused:
+        assert found.problems == []
