@@ -223,8 +223,9 @@ def measure_raw(config: ModelConfig, args, device, compile_model: bool) -> float
     return sorted(times)[len(times) // 2] if times else float("nan")
 
 
-def measure_loop(config: ModelConfig, json_name: str, args, device, compile_model: bool) -> float:
-    """Seconds per step of lmforge's Trainer.run on the shards: median logged interval after the warm-up.
+def measure_loop(config: ModelConfig, json_name: str, args, device, compile_model: bool):
+    """(seconds per step, input seconds per step, (step, loss) of the last logged step) of lmforge's
+    Trainer.run on the shards: the median logged interval after the warm-up.
 
     `json_name` is a ds_configs/ stem, optionally followed by `:SET+SET` overrides of the config
     (e.g. `zero0:train.compile_scope=blocks`)."""
@@ -256,7 +257,8 @@ def measure_loop(config: ModelConfig, json_name: str, args, device, compile_mode
         del trainer
     rates = sorted(r["tokens_per_second"] for r in lines if "tokens_per_second" in r and r["step"] > warmup)
     waits = sorted(input_seconds[warmup:]) or [float("nan")]
-    return args.batch * args.seq_len / rates[len(rates) // 2], waits[len(waits) // 2]
+    last = [r for r in lines if "loss" in r][-1]  # same seed and batches in every loop row: equal kernels, equal loss
+    return args.batch * args.seq_len / rates[len(rates) // 2], waits[len(waits) // 2], (last["step"], last["loss"])
 
 
 def _time_input_pipeline(trainer) -> list[float]:
@@ -365,8 +367,8 @@ def measure(variant: str, config: ModelConfig, args, device, compile_model: bool
         if name == "raw":
             seconds = measure_raw(config, args, device, compile_model)
         else:
-            seconds, input_seconds = measure_loop(config, opts, args, device, compile_model)
-            note = f"input {input_seconds * 1e3:.2f} ms/step ({input_seconds / seconds:.2%})"
+            seconds, input_seconds, (step, loss) = measure_loop(config, opts, args, device, compile_model)
+            note = f"input {input_seconds * 1e3:.2f} ms/step ({input_seconds / seconds:.2%}); loss {loss:.6f} at step {step}"
         tokens_per_second = args.batch * args.seq_len / seconds
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0
         gc.collect()
@@ -440,7 +442,7 @@ def main(argv=None) -> int:
         except Exception as err:  # one variant that cannot run (e.g. a torch.compile mode) keeps the others' table
             traceback.print_exc()
             results.append(Result(variant, 0.0, 0.0, 0.0, 0.0, note=f"failed: {type(err).__name__}: {str(err)[:80]}"))
-        print(f"measured {variant}: {results[-1].tokens_per_second:.0f} tok/s", flush=True)
+        print(f"measured {variant}: {results[-1].tokens_per_second:.0f} tok/s {results[-1].note}", flush=True)
     reference = "raw" if any(r.variant == "raw" for r in results) else "baseline"
     base = next((r.tokens_per_second for r in results if r.variant == reference and r.tokens_per_second), None)
     for r in results:
