@@ -171,6 +171,14 @@ def _model_states(n: int, world: int, ds_config: dict[str, Any]) -> list[MemoryI
     return items
 
 
+def _adamw8bit_states(n: int) -> list[MemoryItem]:
+    """train.optimizer = adamw8bit (pretrain/adamw8bit.py, ZeRO-0): bf16 weights and gradients, both Adam
+    moments in 8 bits with one fp32 scale per 256 values; no fp32 master."""
+    knob = "train.optimizer = adamw8bit (bf16 weights, 8-bit moments)"
+    return [MemoryItem("bf16 weights", "gpu", 2 * n, knob), MemoryItem("bf16 gradients", "gpu", 2 * n, knob),
+            MemoryItem("Adam moments (8-bit m, v and their scales)", "gpu", 2 * n + 2 * 4 * math.ceil(n / 256), knob)]
+
+
 def _buffers(n: int, largest_layer: int, ds_config: dict[str, Any]) -> list[MemoryItem]:
     """DeepSpeed's communication buffers on the device: reduce/allgather buckets, ZeRO-3's gathered parameters."""
     zero, stage = _zero(ds_config), zero_stage_of(ds_config)
@@ -245,7 +253,8 @@ def estimate_memory(model: ModelConfig, train: TrainConfig, ds_config: dict[str,
     if zero_init is None:  # as pretrain.engine.build_model builds: under zero.Init at ZeRO-3 with an offload
         offloads = _offload(ds_config, "offload_optimizer") or _offload(ds_config, "offload_param")
         zero_init = zero_stage_of(ds_config) == 3 and bool(offloads)
-    rank_items = _model_states(n, world, ds_config) + _buffers(n, largest_layer_params(model), ds_config)
+    states = _adamw8bit_states(n) if train.optimizer == "adamw8bit" else _model_states(n, world, ds_config)
+    rank_items = states + _buffers(n, largest_layer_params(model), ds_config)
     rank_items += _activations(model, train, ds_config, n)
     gpu = [i for i in rank_items if i.where == "gpu"]
     host = [i for i in rank_items if i.where == "host"]

@@ -96,7 +96,7 @@ def model_parameters(model: torch.nn.Module) -> int:
 
 def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: float, compile_model: bool,
                  decay_embeddings: bool = False, guard_clips: bool = False, compile_scope: str = "model", mpu=None,
-                 compile_mode: str = "default"):
+                 compile_mode: str = "default", optimizer: str = "adamw"):
     """Returns the DeepSpeed engine (optimizer and WarmupCosineLR scheduler from the JSON).
 
     The model is compiled in place before DeepSpeed wraps it: measured faster than
@@ -109,6 +109,8 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     device guard (pretrain.ds_config.guards_on_device) clips to the JSON's gradient_clipping itself,
     so DeepSpeed's clipping is off.
     `mpu`: the process groups of parallelism applied to the model (parallel/sequence.py's UlyssesGroups).
+    `optimizer` "adamw8bit" (train.optimizer): the weights become bf16 and torchao's 8-bit AdamW is DeepSpeed's
+    client optimizer, with the lr, betas, eps and decay the JSON's optimizer section was filled with (pretrain/adamw8bit.py).
     """
     if pipeline_stages_of(ds_config) > 1:
         return _build_pipeline_engine(model, ds_config, weight_decay, compile_model, decay_embeddings)
@@ -116,12 +118,24 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
         # DeepSpeed's ZeRO-0 clipping reads two scalars back from the GPU every step; with the
         # device guard, pretrain.guarded_step clips (to the same gradient_clipping) without waiting.
         ds_config = {**ds_config, "gradient_clipping": 0.0}
+    if optimizer == "adamw8bit":
+        model.to(torch.bfloat16)  # weights, gradients and activations in bf16: no fp32 copy anywhere
     apply_activation_checkpointing(model, ds_config)
     deepcompile = bool(ds_config.get("compile", {}).get("deepcompile"))
     if compile_model and not deepcompile:
         compile_in_place(model, compile_scope, compile_mode)
+    groups = parameter_groups(model, weight_decay, decay_embeddings)
+    client = {}
+    if optimizer == "adamw8bit":
+        from pretrain.adamw8bit import build_adamw8bit
+
+        adam = ds_config["optimizer"]["params"]
+        client["optimizer"] = build_adamw8bit(groups, adam["lr"], tuple(adam["betas"]), adam["eps"], seed=int(torch.initial_seed()))
+        ds_config = {key: value for key, value in ds_config.items() if key != "optimizer"}
+    else:
+        client["model_parameters"] = groups
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=parameter_groups(model, weight_decay, decay_embeddings), config=ds_config,
+        model=model, config=ds_config, **client,
         # Ulysses' groups (parallel/sequence.py), else AutoTP's (parallel/tensor.py): the checks allow one of them
         mpu=mpu if mpu is not None else tensor_parallel_groups(ds_config),
     )

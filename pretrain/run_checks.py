@@ -23,6 +23,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from pretrain.config import DataConfig, PretrainConfig, TrainConfig, resolve_repo_path
+from pretrain.adamw8bit import adamw8bit_problems
 from pretrain.float8 import float8_problems
 from pretrain.model import ModelConfig, Transformer
 
@@ -234,6 +235,7 @@ def check_launch(config: PretrainConfig, world_size: int | None, verify_checksum
         config = found.config = replace(config, model=config.model.with_vocab(vocab))
     _deepspeed(config, world_size, found)
     found.problems += float8_problems(config.train.float8, torch.device("cuda") if torch.cuda.is_available() else None)
+    found.problems += adamw8bit_problems(config.train.optimizer, found.ds_config, str(config.deepspeed.config))
     if config.model.loss_chunk_tokens and found.ds_config is not None:
         from pretrain.ds_config import zero_stage_of
 

@@ -90,7 +90,7 @@ class Trainer:
         on_device = guards_on_device(ds_config)
         self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile, train.decay_embeddings,
                                    guard_clips=on_device, compile_scope=train.compile_scope, mpu=mpu,
-                                   compile_mode=train.compile_mode)
+                                   compile_mode=train.compile_mode, optimizer=train.optimizer)
         dp_rank, dp_size = data_parallel_position(self.engine)
         self.data = TrainingData(self.config.data, train.seq_len, train.seed, dp_rank, dp_size)
         self.global_batch = train.micro_batch_size * train.grad_accum_steps * dp_size

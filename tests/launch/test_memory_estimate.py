@@ -146,3 +146,16 @@ def test_zero0_under_torch_autocast_steps_the_fp32_weights_themselves_and_matche
     # GPU peak 122.1 GiB allocated, host peak 25.9 GiB
     assert abs(estimate.gpu_peak / GIB - 122.1) / 122.1 < 0.15
     assert abs(estimate.host_peak / GIB - 25.9) / 25.9 < 0.15
+
+
+def test_adamw8bit_holds_13b_on_one_h200_in_6_bytes_per_parameter_with_no_master():
+    # train.optimizer = adamw8bit (pretrain/adamw8bit.py): bf16 weights 2 + bf16 gradients 2 + 8-bit m, v 2 bytes,
+    # plus one fp32 scale per 256 moment values; nothing offloaded, no fp32 copy on the device.
+    train = TrainConfig(micro_batch_size=2, grad_accum_steps=16, seq_len=2048, optimizer="adamw8bit")
+    estimate = estimate_memory(LLAMA_13B, train, {"zero_optimization": {"stage": 0}}, world=1)
+    n = parameter_count(LLAMA_13B)
+    states = sum(i.bytes for i in estimate.items if i.name in ("bf16 weights", "bf16 gradients") or "8-bit" in i.name)
+    assert states == 6 * n + 8 * -(-n // 256)
+    assert not any("master" in i.name or i.where == "host" and "moments" in i.name for i in estimate.items)
+    assert estimate.gpu_peak < 135 * GIB  # one H200 (139.8 GiB) with room left; the fp32 states would need 16 n
+    assert estimate.host_peak < 120 * GIB  # the fp32 model built once on the host, then cast

@@ -1,0 +1,104 @@
+"""`train.optimizer: adamw8bit`: bf16 weights and torchao's 8-bit AdamW, 6 bytes of state per parameter.
+
+AdamW as the shipped JSONs run it keeps 16 bytes per parameter (fp32 weights, fp32 gradients, fp32
+Adam moments): 208 GB for a 13B model, more than one H200 (141 GB) and its 128 GiB host hold
+together once activations and buffers are counted. Here the weights and gradients are bf16 (2 + 2
+bytes) and torchao's `AdamW8bit` keeps both moments in 8 bits with a scale per block of 256 values
+(1 + 1 bytes; Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"), updating the
+bf16 weights with stochastic rounding (`bf16_stochastic_round`: each update rounds up or down with
+the probability of its remainder, so small updates are not lost to bf16's 8-bit mantissa on average).
+13B: 78 GB on the GPU, nothing offloaded.
+
+DeepSpeed runs it as a client optimizer at ZeRO-0 (`ds_configs/zero0_adamw8bit.json`: no optimizer
+section, no mixed precision: the weights already are bf16). torchao's moments are tensor subclasses
+that DeepSpeed's checkpoint loader cannot unpickle (it loads with a callable map_location), so the
+state dict this optimizer hands DeepSpeed holds their plain tensors (codes, scales, lookup table)
+and is rebuilt on load: the checkpoint resumes exactly.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+PLAIN = "torchao_state"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and hasattr(value, "__tensor_flatten__") and type(value) is not torch.Tensor:
+        names, attributes = value.__tensor_flatten__()
+        kind = type(value)
+        return {PLAIN: f"{kind.__module__}:{kind.__qualname__}", "tensors": {n: getattr(value, n) for n in names},
+                "attributes": list(attributes)}
+    return value
+
+
+def _rebuilt(value: Any, device: torch.device) -> Any:
+    if isinstance(value, dict) and PLAIN in value:
+        module, name = value[PLAIN].split(":")
+        kind = getattr(importlib.import_module(module), name)
+        tensors = {n: t.to(device) for n, t in value["tensors"].items()}
+        return kind.__tensor_unflatten__(tensors, value["attributes"], None, None)
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def build_adamw8bit(param_groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float, seed: int):
+    """torchao's AdamW8bit over `param_groups` (each group's weight_decay kept), bf16 stochastic
+    rounding on (its random numbers from `seed` and the step), with a state dict of plain tensors
+    (see the module docstring)."""
+    from torchao.optim import AdamW8bit
+
+    class PlainStateAdamW8bit(AdamW8bit):
+        def step(self, closure=None):
+            # The rounding's random numbers are a function of (seed, step) alone, drawn from a forked
+            # generator: a resumed run rounds as the uninterrupted one did, and nothing else's stream
+            # moves. Eager random numbers (not inductor's, which torchao's compiled update would use).
+            from torch._inductor import config as inductor
+
+            first = next((self.state[p] for g in self.param_groups for p in g["params"] if self.state[p]), None)
+            done = int(first["step"].item()) if first else 0  # CPU tensor: no device sync
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices), inductor.patch(fallback_random=True):
+                torch.manual_seed(seed * 1_000_003 + done)
+                return super().step(closure)
+
+        def state_dict(self) -> dict[str, Any]:
+            state = super().state_dict()
+            state["state"] = {index: {k: _plain(v) for k, v in entry.items()} for index, entry in state["state"].items()}
+            return state
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            # torch's loader would cast the moments to the weights' dtype: rebuild them here instead.
+            super().load_state_dict({**state_dict, "state": {}})
+            params = [p for group in self.param_groups for p in group["params"]]
+            for index, entry in state_dict["state"].items():
+                param = params[int(index)]
+                self.state[param] = {k: _rebuilt(v, param.device) for k, v in entry.items()}
+
+    return PlainStateAdamW8bit(param_groups, lr=lr, betas=betas, eps=eps, bf16_stochastic_round=True)
+
+
+def adamw8bit_problems(optimizer: str, ds_config: dict[str, Any] | None, source: str) -> list[str]:
+    """One line per reason `train.optimizer = adamw8bit` cannot run with this DeepSpeed JSON."""
+    if optimizer != "adamw8bit":
+        return []
+    found = []
+    try:
+        import torchao.optim  # noqa: F401
+    except ImportError:
+        found.append("train.optimizer = 'adamw8bit' needs torchao (pip install 'lmforge[fp8]', i.e. torchao>=0.17)")
+    if ds_config is None:
+        return found
+    zero = ds_config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0) or 0)
+    wrong = [f"zero_optimization.stage = {stage}"] if stage else []
+    wrong += [f"{key}.enabled" for key in ("bf16", "fp16", "torch_autocast") if (ds_config.get(key) or {}).get("enabled") not in (None, False)]
+    wrong += [f"zero_optimization.{key}" for key in ("offload_optimizer", "offload_param")
+              if (zero.get(key) or {}).get("device", "none") not in ("none", None)]
+    if int((ds_config.get("pipeline") or {}).get("stages", 1) or 1) > 1:
+        wrong.append("pipeline stages")
+    if wrong:
+        found.append(f"train.optimizer = 'adamw8bit' runs at ZeRO-0 on bf16 weights, without mixed precision or offload, "
+                     f"but {source} has {', '.join(wrong)}; use ds_configs/zero0_adamw8bit.json")
+    return found
