@@ -1,0 +1,155 @@
+"""Per-step host (Python) time of lmforge's engine at ZeRO-0/1/2 on one data-parallel rank, on the CPU.
+
+    python -m bench.host_overhead --stages 0,1,2 --steps 50 [--profile]
+
+A model with GPT-2 124M's tensor count (12 gpt2 blocks with biases: 196 parameter tensors) but tiny
+widths (d_model 64, vocab 512, seq 32, batch 1), so the arithmetic is ~0 and what is left per
+step is the host work that does not shrink with the model: DeepSpeed's per-parameter gradient
+hooks, bucketing, norms and optimizer bookkeeping, and lmforge's step guard. On a GPU that host
+work is what makes ZeRO-1/2 slower than ZeRO-0 at one rank (docs/performance.md), so this CPU run
+is a proxy for it; the GPU measurement is bench/train_throughput.py's.
+
+Each stage builds lmforge's real engine as pretrain/train.py does (ds_configs/zeroN.json merged by
+pretrain.ds_config.build_deepspeed_config, pretrain.engine.build_model / build_engine) and steps
+it through pretrain.guarded_step.GuardedStep; --warmup untimed steps, then --steps timed ones
+(time.perf_counter around each step and its settle; the median is robust to other processes on
+the machine). Prints one table: median ms/step, its ratio
+to ZeRO-0 (the first stage listed when 0 is not); --profile adds cProfile's top functions of the
+timed steps per stage. Plain `python` is one rank: DeepSpeed creates a 1-rank gloo group.
+`--dry-run` runs 2 steps per stage (CI runs it so the script cannot rot).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from pretrain.config import TrainConfig, resolve_repo_path
+from pretrain.ds_config import build_deepspeed_config, guards_on_device
+from pretrain.model import ModelConfig
+
+TENSOR_COUNT_MODEL = ModelConfig(arch="gpt2", vocab_size=512, pad_vocab_to_multiple=128, n_layers=12, n_heads=4,
+                                 d_model=64, max_seq_len=32, bias=True)
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    stage: int
+    """ZeRO stage of ds_configs/zeroN.json."""
+    ms_per_step: float
+    """Median wall time of one optimizer step (host time: the arithmetic is ~0)."""
+    fastest_ms: float
+    """The fastest step (the least disturbed by other processes on the machine)."""
+    parameter_tensors: int
+    """Trainable tensors the engine steps (lmforge's gpt2-124m has 196)."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", default="0,1,2", help="comma-separated ZeRO stages (ds_configs/zeroN.json)")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per stage")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--profile", action="store_true", help="also print cProfile's top functions per stage")
+    parser.add_argument("--top", type=int, default=25, help="functions listed by --profile")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--dry-run", action="store_true", help="2 timed steps, 1 warm-up per stage")
+    return parser.parse_args(argv)
+
+
+def stage_ds_config(stage: int, train: TrainConfig) -> dict:
+    """ds_configs/zeroN.json merged as a 1-rank CPU run merges it (fp32: no bf16 on the CPU)."""
+    path = resolve_repo_path(Path(f"ds_configs/zero{stage}.json"))
+    return build_deepspeed_config(path, train, 1, bf16_supported=False)
+
+
+def build_stepper(stage: int, train: TrainConfig):
+    """(GuardedStep over lmforge's engine for `stage`, the engine), built as pretrain.train.Trainer builds them."""
+    from pretrain.engine import build_engine, build_model
+    from pretrain.guarded_step import GuardedStep
+
+    ds_config = stage_ds_config(stage, train)
+    torch.manual_seed(train.seed)
+    model = build_model(TENSOR_COUNT_MODEL, ds_config)
+    on_device = guards_on_device(ds_config)
+    engine = build_engine(model, ds_config, train.weight_decay, compile_model=False, guard_clips=on_device)
+    guarded = GuardedStep(engine, train.max_bad_steps, fp16=False, on_device=on_device, grad_clip=train.grad_clip)
+    return guarded, engine
+
+
+def time_stage(stage: int, train: TrainConfig, steps: int, warmup: int,
+               profiler: cProfile.Profile | None = None) -> StageTiming:
+    """Mean time of `steps` guarded steps after `warmup`; `profiler` is enabled for the timed steps only."""
+    guarded, engine = build_stepper(stage, train)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, TENSOR_COUNT_MODEL.vocab_size, (steps + warmup, train.micro_batch_size, train.seq_len + 1),
+                           generator=generator)
+    batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
+    for step in range(warmup):
+        guarded.step([batches[step]], step + 1, False)
+    guarded.settle()
+    times = []
+    for step in range(warmup, warmup + steps):
+        if profiler is not None:
+            profiler.enable()
+        start = time.perf_counter()
+        guarded.step([batches[step]], step + 1, False)
+        guarded.settle()  # on the CPU the step is done already: this reads its flags
+        times.append(time.perf_counter() - start)
+        if profiler is not None:
+            profiler.disable()
+    tensors = sum(1 for p in engine.module.parameters() if p.requires_grad)
+    return StageTiming(stage, 1000 * statistics.median(times), 1000 * min(times), tensors)
+
+
+def print_table(timings: list[StageTiming], header: str) -> None:
+    reference = next((t for t in timings if t.stage == 0), timings[0])
+    print(header)
+    print(f"{'stage':>5} {'ms/step':>9} {'× ZeRO-' + str(reference.stage):>9} {'fastest':>9} {'tensors':>8}")
+    for t in timings:
+        print(f"{t.stage:>5} {t.ms_per_step:>9.2f} {t.ms_per_step / reference.ms_per_step:>9.2f} {t.fastest_ms:>9.2f} "
+              f"{t.parameter_tensors:>8}")
+
+
+def print_profile(stage: int, profiler: cProfile.Profile, top: int) -> None:
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
+    stats.print_stats(top)
+    print(f"--- ZeRO-{stage}: cProfile, top {top} by own time over the timed steps")
+    print(text.getvalue().strip())
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        args.steps, args.warmup = 2, 1
+    stages = [int(s) for s in args.stages.split(",")]
+    from lmforge.distributed import init_distributed, shutdown
+
+    init_distributed()
+    torch.set_num_threads(args.threads)  # tiny ops: more threads only add contention
+    train = replace(TrainConfig(), micro_batch_size=1, seq_len=TENSOR_COUNT_MODEL.max_seq_len, grad_accum_steps=1,
+                    max_steps=10_000, warmup_steps=10)
+    timings = []
+    for stage in stages:
+        profiler = cProfile.Profile() if args.profile else None
+        timings.append(time_stage(stage, train, args.steps, args.warmup, profiler=profiler))
+        if profiler is not None:
+            print_profile(stage, profiler, args.top)
+    header = (f"host time per step, cpu, 1 rank, {timings[0].parameter_tensors} tensors (gpt2 12 layers, d_model "
+              f"{TENSOR_COUNT_MODEL.d_model}, vocab {TENSOR_COUNT_MODEL.vocab_size}, batch 1 × seq {train.seq_len}), "
+              f"{args.steps} steps after {args.warmup}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print_table(timings, header)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
