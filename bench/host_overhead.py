@@ -11,7 +11,8 @@ is a proxy for it; the GPU measurement is bench/train_throughput.py's.
 
 Each stage builds lmforge's real engine as pretrain/train.py does (ds_configs/zeroN.json merged by
 pretrain.ds_config.build_deepspeed_config, pretrain.engine.build_model / build_engine) and steps
-it through pretrain.guarded_step.GuardedStep; --warmup untimed steps, then --steps timed ones
+it through pretrain.guarded_step.GuardedStep, with the settings a 1-rank run adds
+(pretrain.ds_config.for_one_zero_rank; `--as-shipped` leaves them out); --warmup untimed steps, then --steps timed ones
 (time.perf_counter around each step and its settle; the median is robust to other processes on
 the machine). Prints one table: median ms/step, its ratio
 to ZeRO-0 (the first stage listed when 0 is not); --profile adds cProfile's top functions of the
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 from pretrain.config import TrainConfig, resolve_repo_path
-from pretrain.ds_config import build_deepspeed_config, guards_on_device
+from pretrain.ds_config import build_deepspeed_config, for_one_zero_rank, guards_on_device
 from pretrain.model import ModelConfig
 
 TENSOR_COUNT_MODEL = ModelConfig(arch="gpt2", vocab_size=512, pad_vocab_to_multiple=128, n_layers=12, n_heads=4,
@@ -59,23 +60,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--profile", action="store_true", help="also print cProfile's top functions per stage")
     parser.add_argument("--top", type=int, default=25, help="functions listed by --profile")
+    parser.add_argument("--as-shipped", action="store_true",
+                        help="the JSONs as shipped, without pretrain.ds_config.for_one_zero_rank's one-rank settings")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--dry-run", action="store_true", help="2 timed steps, 1 warm-up per stage")
     return parser.parse_args(argv)
 
 
-def stage_ds_config(stage: int, train: TrainConfig) -> dict:
-    """ds_configs/zeroN.json merged as a 1-rank CPU run merges it (fp32: no bf16 on the CPU)."""
+def stage_ds_config(stage: int, train: TrainConfig, one_rank_settings: bool = True) -> dict:
+    """ds_configs/zeroN.json merged as a 1-rank CPU run merges it (fp32: no bf16 on the CPU), with
+    pretrain.ds_config.for_one_zero_rank's settings unless `one_rank_settings` is False."""
     path = resolve_repo_path(Path(f"ds_configs/zero{stage}.json"))
-    return build_deepspeed_config(path, train, 1, bf16_supported=False)
+    ds_config = build_deepspeed_config(path, train, 1, bf16_supported=False)
+    return for_one_zero_rank(ds_config, 1)[0] if one_rank_settings else ds_config
 
 
-def build_stepper(stage: int, train: TrainConfig):
+def build_stepper(stage: int, train: TrainConfig, one_rank_settings: bool = True):
     """(GuardedStep over lmforge's engine for `stage`, the engine), built as pretrain.train.Trainer builds them."""
     from pretrain.engine import build_engine, build_model
     from pretrain.guarded_step import GuardedStep
 
-    ds_config = stage_ds_config(stage, train)
+    ds_config = stage_ds_config(stage, train, one_rank_settings)
     torch.manual_seed(train.seed)
     model = build_model(TENSOR_COUNT_MODEL, ds_config)
     on_device = guards_on_device(ds_config)
@@ -85,9 +90,9 @@ def build_stepper(stage: int, train: TrainConfig):
 
 
 def time_stage(stage: int, train: TrainConfig, steps: int, warmup: int,
-               profiler: cProfile.Profile | None = None) -> StageTiming:
+               profiler: cProfile.Profile | None = None, one_rank_settings: bool = True) -> StageTiming:
     """Mean time of `steps` guarded steps after `warmup`; `profiler` is enabled for the timed steps only."""
-    guarded, engine = build_stepper(stage, train)
+    guarded, engine = build_stepper(stage, train, one_rank_settings)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, TENSOR_COUNT_MODEL.vocab_size, (steps + warmup, train.micro_batch_size, train.seq_len + 1),
                            generator=generator)
@@ -140,12 +145,12 @@ def main(argv=None) -> int:
     timings = []
     for stage in stages:
         profiler = cProfile.Profile() if args.profile else None
-        timings.append(time_stage(stage, train, args.steps, args.warmup, profiler=profiler))
+        timings.append(time_stage(stage, train, args.steps, args.warmup, profiler, not args.as_shipped))
         if profiler is not None:
             print_profile(stage, profiler, args.top)
     header = (f"host time per step, cpu, 1 rank, {timings[0].parameter_tensors} tensors (gpt2 12 layers, d_model "
               f"{TENSOR_COUNT_MODEL.d_model}, vocab {TENSOR_COUNT_MODEL.vocab_size}, batch 1 × seq {train.seq_len}), "
-              f"{args.steps} steps after {args.warmup}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+              f"{'JSONs as shipped' if args.as_shipped else 'one-rank settings'}, {args.steps} steps after {args.warmup}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print_table(timings, header)
     shutdown()
     return 0

@@ -220,6 +220,28 @@ def with_pipeline(ds_config: dict[str, Any], stages: int, partition: str) -> dic
     return config
 
 
+# Switched off where ZeRO-1/2 partition over one rank: there is no communication to overlap, and
+# the contiguous bucket costs a per-gradient copy and hooks (bench/host_overhead.py: docs/performance.md).
+ONE_RANK_ZERO_SETTINGS = {"overlap_comm": False, "contiguous_gradients": False}
+_DEEPSPEED_DEFAULTS_AT_ZERO_1_2 = {"overlap_comm": False, "contiguous_gradients": True}
+
+
+def for_one_zero_rank(ds_config: dict[str, Any], zero_ranks: int) -> tuple[dict[str, Any], str | None]:
+    """(DeepSpeed's JSON, a one-line notice): where ZeRO-1/2 without offload partition over
+    `zero_ranks` = 1 rank, a copy with ONE_RANK_ZERO_SETTINGS; else the JSON itself and None.
+    Speed only: the stage, the checkpoint format and the arithmetic stay as the JSON says."""
+    zero = ds_config.get("zero_optimization") or {}
+    offloaded = any((zero.get(key) or {}).get("device", "none") not in ("none", None) for key in ("offload_optimizer", "offload_param"))
+    changed = {key: value for key, value in ONE_RANK_ZERO_SETTINGS.items() if zero.get(key, _DEEPSPEED_DEFAULTS_AT_ZERO_1_2[key]) != value}
+    if zero_ranks != 1 or zero_stage_of(ds_config) not in (1, 2) or offloaded or not changed:
+        return ds_config, None
+    config = copy.deepcopy(ds_config)
+    config["zero_optimization"].update(changed)
+    settings = ", ".join(f"{key} {str(value).lower()}" for key, value in changed.items())
+    return config, (f"ZeRO-{zero_stage_of(ds_config)} on one data-parallel rank: zero_optimization {settings} "
+                    "(nothing to overlap or bucket at one rank; less host time per step, same losses)")
+
+
 def with_universal_loading(ds_config: dict[str, Any]) -> dict[str, Any]:
     """DeepSpeed's JSON with `checkpoint.load_universal` on (a copy): a resume on another number of
     data-parallel ranks (pretrain.universal_checkpoint)."""
