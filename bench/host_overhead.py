@@ -10,13 +10,14 @@ work is what makes ZeRO-1/2 slower than ZeRO-0 at one rank (docs/performance.md)
 is a proxy for it; the GPU measurement is bench/train_throughput.py's.
 
 Each stage builds lmforge's real engine as pretrain/train.py does (ds_configs/zeroN.json merged by
-pretrain.ds_config.build_deepspeed_config, pretrain.engine.build_model / build_engine) and steps
-it through pretrain.guarded_step.GuardedStep, with the settings a 1-rank run adds
-(pretrain.ds_config.for_one_zero_rank; `--as-shipped` leaves them out); --warmup untimed steps, then --steps timed ones
-(time.perf_counter around each step and its settle; the median is robust to other processes on
-the machine). Prints one table: median ms/step, its ratio
-to ZeRO-0 (the first stage listed when 0 is not); --profile adds cProfile's top functions of the
-timed steps per stage. Plain `python` is one rank: DeepSpeed creates a 1-rank gloo group.
+pretrain.ds_config.build_deepspeed_config, with the settings a 1-rank run adds,
+pretrain.ds_config.for_one_zero_rank, which `--as-shipped` leaves out; pretrain.engine.build_model /
+build_engine) and steps it through pretrain.guarded_step.GuardedStep: --warmup untimed steps, then
+--steps timed ones, the stages taking turns step by step (time.perf_counter around each step and
+its settle). Prints one table: the median and the fastest ms/step, each with its ratio to ZeRO-0
+(the first stage listed when 0 is not); on a shared machine the fastest step is the steadier
+number. --profile adds cProfile's top functions of each stage's timed steps. Plain `python` is one
+rank: DeepSpeed creates a 1-rank gloo group; one torch thread (--threads).
 `--dry-run` runs 2 steps per stage (CI runs it so the script cannot rot).
 """
 from __future__ import annotations
@@ -89,38 +90,44 @@ def build_stepper(stage: int, train: TrainConfig, one_rank_settings: bool = True
     return guarded, engine
 
 
-def time_stage(stage: int, train: TrainConfig, steps: int, warmup: int,
-               profiler: cProfile.Profile | None = None, one_rank_settings: bool = True) -> StageTiming:
-    """Mean time of `steps` guarded steps after `warmup`; `profiler` is enabled for the timed steps only."""
-    guarded, engine = build_stepper(stage, train, one_rank_settings)
+def time_stages(stages: list[int], train: TrainConfig, steps: int, warmup: int, one_rank_settings: bool = True,
+                profile: bool = False) -> tuple[list[StageTiming], dict[int, cProfile.Profile]]:
+    """The timing of `steps` guarded steps per stage after `warmup`, and with `profile` a cProfile of
+    each stage's timed steps. The stages take turns step by step, so a busy machine slows them alike."""
+    steppers = {stage: build_stepper(stage, train, one_rank_settings) for stage in stages}
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, TENSOR_COUNT_MODEL.vocab_size, (steps + warmup, train.micro_batch_size, train.seq_len + 1),
                            generator=generator)
     batches = [(t[:, :-1], t[:, 1:]) for t in tokens]
-    for step in range(warmup):
-        guarded.step([batches[step]], step + 1, False)
-    guarded.settle()
-    times = []
-    for step in range(warmup, warmup + steps):
-        if profiler is not None:
-            profiler.enable()
-        start = time.perf_counter()
-        guarded.step([batches[step]], step + 1, False)
-        guarded.settle()  # on the CPU the step is done already: this reads its flags
-        times.append(time.perf_counter() - start)
-        if profiler is not None:
-            profiler.disable()
-    tensors = sum(1 for p in engine.module.parameters() if p.requires_grad)
-    return StageTiming(stage, 1000 * statistics.median(times), 1000 * min(times), tensors)
+    times: dict[int, list[float]] = {stage: [] for stage in stages}
+    profilers = {stage: cProfile.Profile() for stage in stages} if profile else {}
+    for step in range(warmup + steps):
+        for stage, (guarded, _) in steppers.items():
+            timed = step >= warmup
+            if timed and profile:
+                profilers[stage].enable()
+            start = time.perf_counter()
+            guarded.step([batches[step]], step + 1, False)
+            guarded.settle()  # on the CPU the step is done already: this reads its flags
+            if timed:
+                times[stage].append(time.perf_counter() - start)
+            if timed and profile:
+                profilers[stage].disable()
+    timings = []
+    for stage, (_, engine) in steppers.items():
+        tensors = sum(1 for p in engine.module.parameters() if p.requires_grad)
+        timings.append(StageTiming(stage, 1000 * statistics.median(times[stage]), 1000 * min(times[stage]), tensors))
+    return timings, profilers
 
 
 def print_table(timings: list[StageTiming], header: str) -> None:
     reference = next((t for t in timings if t.stage == 0), timings[0])
     print(header)
-    print(f"{'stage':>5} {'ms/step':>9} {'× ZeRO-' + str(reference.stage):>9} {'fastest':>9} {'tensors':>8}")
+    ratio = f"× ZeRO-{reference.stage}"
+    print(f"{'stage':>5} {'ms/step':>9} {ratio:>9} {'fastest':>9} {ratio:>9} {'tensors':>8}")
     for t in timings:
         print(f"{t.stage:>5} {t.ms_per_step:>9.2f} {t.ms_per_step / reference.ms_per_step:>9.2f} {t.fastest_ms:>9.2f} "
-              f"{t.parameter_tensors:>8}")
+              f"{t.fastest_ms / reference.fastest_ms:>9.2f} {t.parameter_tensors:>8}")
 
 
 def print_profile(stage: int, profiler: cProfile.Profile, top: int) -> None:
@@ -142,12 +149,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)  # tiny ops: more threads only add contention
     train = replace(TrainConfig(), micro_batch_size=1, seq_len=TENSOR_COUNT_MODEL.max_seq_len, grad_accum_steps=1,
                     max_steps=10_000, warmup_steps=10)
-    timings = []
-    for stage in stages:
-        profiler = cProfile.Profile() if args.profile else None
-        timings.append(time_stage(stage, train, args.steps, args.warmup, profiler, not args.as_shipped))
-        if profiler is not None:
-            print_profile(stage, profiler, args.top)
+    timings, profilers = time_stages(stages, train, args.steps, args.warmup, not args.as_shipped, args.profile)
+    for stage, profiler in profilers.items():
+        print_profile(stage, profiler, args.top)
     header = (f"host time per step, cpu, 1 rank, {timings[0].parameter_tensors} tensors (gpt2 12 layers, d_model "
               f"{TENSOR_COUNT_MODEL.d_model}, vocab {TENSOR_COUNT_MODEL.vocab_size}, batch 1 × seq {train.seq_len}), "
               f"{'JSONs as shipped' if args.as_shipped else 'one-rank settings'}, {args.steps} steps after {args.warmup}, torch {torch.__version__}, {torch.get_num_threads()} threads")
