@@ -5,9 +5,10 @@ import subprocess
 
 import pytest
 
+from pretrain import checkpoint
 from pretrain.config import REPO_ROOT
 from pretrain.ds_config import ONE_RANK_ZERO_SETTINGS, for_one_zero_rank
-from tests.pretrain.training_runs import REPO, run_env, tiny_overrides, training_command
+from tests.pretrain.training_runs import REPO, run_env, step_losses, tiny_overrides, training_command
 
 
 def shipped(name: str) -> dict:
@@ -56,3 +57,21 @@ def test_one_rank_zero_1_and_2_train_with_zero_0s_losses_and_say_so(shards, tmp_
         for ours, theirs in zip(steps, reference, strict=True):
             assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6, abs=0), f"ZeRO-{stage} step {ours['step']}"
             assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-6, abs=0), f"ZeRO-{stage} step {ours['step']}"
+
+
+@pytest.mark.slow
+def test_a_one_rank_zero1_checkpoint_resumes_on_2_ranks_through_the_universal_checkpoint(shards, tmp_path):
+    """The one-rank settings leave the checkpoint as ZeRO-1 writes it: 1 → 2 ranks continues the curve."""
+    from tests.pretrain.test_resume_elastic import TOLERANCE, rewind_to, train
+
+    one = tmp_path / "one"
+    assert "note: ZeRO-1 on one data-parallel rank" in train(one, shards, 1)
+    reference = step_losses(one)
+    run = rewind_to(one, tmp_path / "on2", 4)
+    out = train(run, shards, 2)
+    assert "note: ZeRO-1 on one data-parallel rank" not in out  # two ranks keep the JSON's settings
+    assert (f"(saved on 1 data-parallel ranks, loaded through {run / 'checkpoints' / 'step_00000004' / 'universal'})") in out
+    losses = step_losses(run)
+    assert losses[:4] == reference[:4]
+    assert losses[4:] == pytest.approx(reference[4:], rel=TOLERANCE)
+    assert checkpoint.read_record(run / "checkpoints" / "step_00000008")["zero_stage"] == 1
