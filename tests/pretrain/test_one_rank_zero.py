@@ -94,3 +94,37 @@ def test_a_one_rank_checkpoint_resumes_on_2_ranks_through_the_universal_checkpoi
     assert losses[:4] == reference[:4]
     assert losses[4:] == pytest.approx(reference[4:], rel=TOLERANCE)
     assert checkpoint.read_record(run / "checkpoints" / "step_00000008")["zero_stage"] == stage
+
+
+FOREACH_NORM_PROBE = """
+import json, torch
+from dataclasses import replace
+from bench.host_overhead import build_stepper
+from lmforge.distributed import init_distributed
+from pretrain.config import TrainConfig
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+init_distributed()
+_, engine = build_stepper(2, replace(TrainConfig(), micro_batch_size=1, seq_len=32, max_steps=100, warmup_steps=10))
+zero, found = engine.optimizer, {}
+found["installed"] = "get_grad_norm_direct" in vars(zero)
+grads = [torch.randn(100, generator=torch.Generator().manual_seed(i)) * (i + 1) for i in range(196)]
+params = [torch.nn.Parameter(torch.zeros(1)) for _ in grads]
+found["ours"], found["deepspeeds"] = float(zero.get_grad_norm_direct(grads, params)), float(DeepSpeedZeroOptimizer.get_grad_norm_direct(zero, grads, params))
+grads[3][0] = float("inf")
+found["inf"] = [float(zero.get_grad_norm_direct(grads, params)), float(DeepSpeedZeroOptimizer.get_grad_norm_direct(zero, grads, params))]
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.slow
+def test_the_one_rank_foreach_norm_equals_deepspeeds_per_tensor_norm():
+    """pretrain.guarded_step swaps DeepSpeed's per-tensor norm loop for one foreach call at one ZeRO rank."""
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", FOREACH_NORM_PROBE], cwd=REPO, env=run_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["installed"] is True
+    assert found["ours"] == found["deepspeeds"] > 0
+    assert found["inf"] == [-1.0, -1.0]  # DeepSpeed's mark of a non-finite norm, which the guard reads
