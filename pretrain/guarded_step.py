@@ -113,8 +113,9 @@ def _use_foreach_norm_at_one_rank(zero) -> None:
     (bench/host_overhead.py). The same fp64 per-tensor norms, summed as DeepSpeed sums them."""
     from deepspeed.runtime.zero import stage_1_and_2
 
-    one_rank = all(count == 1 for count in zero.partition_count)  # DeepSpeed's ranks per partitioned group
-    if type(zero) is not stage_1_and_2.DeepSpeedZeroOptimizer or zero.model_parallel_world_size != 1 or not one_rank:
+    if type(zero) is not stage_1_and_2.DeepSpeedZeroOptimizer or zero.model_parallel_world_size != 1:
+        return
+    if any(count != 1 for count in zero.partition_count):  # DeepSpeed's ranks per partitioned group
         return
 
     def foreach_grad_norm(gradients, params, norm_type=2):
