@@ -110,8 +110,9 @@ def _use_foreach_norm_at_one_rank(zero) -> None:
     """A ZeRO-1/2 optimizer over one rank without model parallelism gets the gradient norm of each
     group in one foreach call: DeepSpeed's `get_grad_norm_direct` runs an fp64 norm per tensor (196
     for gpt2-124m) and two all-reduces over one rank, ~1 ms of host time per step
-    (bench/host_overhead.py). The same fp64 per-tensor norms, summed as DeepSpeed sums them."""
+    (bench/host_overhead.py). The same per-tensor norms (DeepSpeed's norm dtype), summed as it sums them."""
     from deepspeed.runtime.zero import stage_1_and_2
+    from deepspeed.runtime.zero.utils import get_norm_dtype
 
     if type(zero) is not stage_1_and_2.DeepSpeedZeroOptimizer or zero.model_parallel_world_size != 1:
         return
@@ -123,7 +124,7 @@ def _use_foreach_norm_at_one_rank(zero) -> None:
         if norm_type != 2 or any(getattr(p, "ds_pipe_replicated", False) for p in params):
             return stage_1_and_2.DeepSpeedZeroOptimizer.get_grad_norm_direct(zero, gradients, params, norm_type)
         if grads:
-            total = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).pow(2).sum().float().pow(0.5)
+            total = torch.stack(torch._foreach_norm(grads, 2, dtype=get_norm_dtype())).pow(2).sum().float().pow(0.5)
         else:
             total = torch.zeros((), dtype=torch.float32, device=zero.device)
         stage_1_and_2.mask_nan_or_inf_with_val_inplace(total, device=zero.device)  # the guard's device version
