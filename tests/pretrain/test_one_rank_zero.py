@@ -128,3 +128,21 @@ def test_the_one_rank_foreach_norm_equals_deepspeeds_per_tensor_norm():
     assert found["installed"] is True
     assert found["ours"] == found["deepspeeds"] > 0
     assert found["inf"] == [-1.0, -1.0]  # DeepSpeed's mark of a non-finite norm, which the guard reads
+
+
+@pytest.mark.slow
+def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank_as_zero1(shards, tmp_path):
+    """The other way: ZeRO-2's checkpoint of 2 ranks continues on one rank, where the JSON runs as ZeRO-1."""
+    from tests.pretrain.test_resume_elastic import TOLERANCE, rewind_to, train
+
+    two = tmp_path / "two"
+    train(two, shards, 2, **{"deepspeed.config": "ds_configs/zero2.json"})
+    reference = step_losses(two)
+    run = rewind_to(two, tmp_path / "on1", 4)
+    out = train(run, shards, 1, **{"deepspeed.config": "ds_configs/zero2.json"})
+    assert "note: ZeRO-2 on one data-parallel rank: built as ZeRO-1" in out
+    assert f"(saved on 2 data-parallel ranks, loaded through {run / 'checkpoints' / 'step_00000004' / 'universal'})" in out
+    losses = step_losses(run)
+    assert losses[:4] == reference[:4]
+    assert losses[4:] == pytest.approx(reference[4:], rel=TOLERANCE)
+    assert checkpoint.read_record(run / "checkpoints" / "step_00000008")["zero_stage"] == 1
