@@ -37,7 +37,7 @@ def test_other_layouts_keep_the_json_as_it_is(name, ranks):
     assert config == shipped(name) and note is None
 
 
-def test_a_zero1_json_already_without_overlap_and_buckets_needs_no_note():
+def test_a_json_already_without_overlap_and_buckets_changes_only_a_zero2_stage():
     config = {"zero_optimization": {"stage": 1, **ONE_RANK_ZERO_SETTINGS}}
     assert for_one_zero_rank(config, 1) == (config, None)
     built, note = for_one_zero_rank({"zero_optimization": {"stage": 2, **ONE_RANK_ZERO_SETTINGS}}, 1)
