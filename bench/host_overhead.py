@@ -9,15 +9,16 @@ hooks, bucketing, norms and optimizer bookkeeping, and lmforge's step guard. On 
 work is what makes ZeRO-1/2 slower than ZeRO-0 at one rank (docs/performance.md), so this CPU run
 is a proxy for it; the GPU measurement is bench/train_throughput.py's.
 
-Each stage builds lmforge's real engine as pretrain/train.py does (ds_configs/zeroN.json merged by
-pretrain.ds_config.build_deepspeed_config, with the settings a 1-rank run adds,
-pretrain.ds_config.for_one_zero_rank, which `--as-shipped` leaves out; pretrain.engine.build_model /
-build_engine) and steps it through pretrain.guarded_step.GuardedStep: --warmup untimed steps, then
---steps timed ones, the stages taking turns step by step (time.perf_counter around each step and
-its settle). Prints one table: the median and the fastest ms/step, each with its ratio to ZeRO-0
-(the first stage listed when 0 is not); on a shared machine the fastest step is the steadier
-number. --profile adds cProfile's top functions of each stage's timed steps. Plain `python` is one
-rank: DeepSpeed creates a 1-rank gloo group; one torch thread (--threads).
+Each stage builds lmforge's real engine as pretrain/train.py does: ds_configs/zeroN.json merged by
+pretrain.ds_config.build_deepspeed_config, with the settings a 1-rank run adds
+(pretrain.ds_config.for_one_zero_rank; `--as-shipped` leaves them out, the step guard's one-rank
+gradient norm stays), pretrain.engine.build_model / build_engine, stepped through
+pretrain.guarded_step.GuardedStep: --warmup untimed steps, then --steps timed ones, the stages
+taking turns step by step (time.perf_counter around each step and its settle). Prints one table:
+the median and the fastest ms/step, each with its ratio to ZeRO-0 (the first stage listed when 0
+is not); on a shared machine the fastest step is the steadier number. --profile adds cProfile's
+top functions of each stage's timed steps. Plain `python` is one rank: DeepSpeed creates a 1-rank
+gloo group; one torch thread (--threads); CPU only.
 `--dry-run` runs 2 steps per stage (CI runs it so the script cannot rot).
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ TENSOR_COUNT_MODEL = ModelConfig(arch="gpt2", vocab_size=512, pad_vocab_to_multi
 @dataclass(frozen=True)
 class StageTiming:
     stage: int
-    """ZeRO stage of ds_configs/zeroN.json."""
+    """N of ds_configs/zeroN.json (with the one-rank settings, ZeRO-2 runs as ZeRO-1)."""
     ms_per_step: float
     """Median wall time of one optimizer step (host time: the arithmetic is ~0)."""
     fastest_ms: float
@@ -62,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="also print cProfile's top functions per stage")
     parser.add_argument("--top", type=int, default=25, help="functions listed by --profile")
     parser.add_argument("--as-shipped", action="store_true",
-                        help="the JSONs as shipped, without pretrain.ds_config.for_one_zero_rank's one-rank settings")
+                        help="the JSONs as shipped, without pretrain.ds_config.for_one_zero_rank's one-rank settings "
+                             "(the step guard's one-rank gradient norm stays: it is code, not a setting)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--dry-run", action="store_true", help="2 timed steps, 1 warm-up per stage")
     return parser.parse_args(argv)
@@ -143,6 +145,9 @@ def main(argv=None) -> int:
     if args.dry_run:
         args.steps, args.warmup = 2, 1
     stages = [int(s) for s in args.stages.split(",")]
+    if torch.cuda.is_available():
+        raise SystemExit("error: bench.host_overhead measures on the CPU; run it with CUDA_VISIBLE_DEVICES= "
+                         "(the GPU's numbers: bench/train_throughput.py's loop:zeroN rows)")
     from lmforge.distributed import init_distributed, shutdown
 
     init_distributed()
@@ -152,9 +157,11 @@ def main(argv=None) -> int:
     timings, profilers = time_stages(stages, train, args.steps, args.warmup, not args.as_shipped, args.profile)
     for stage, profiler in profilers.items():
         print_profile(stage, profiler, args.top)
+    settings = "JSONs as shipped" if args.as_shipped else "one-rank settings"
     header = (f"host time per step, cpu, 1 rank, {timings[0].parameter_tensors} tensors (gpt2 12 layers, d_model "
               f"{TENSOR_COUNT_MODEL.d_model}, vocab {TENSOR_COUNT_MODEL.vocab_size}, batch 1 × seq {train.seq_len}), "
-              f"{'JSONs as shipped' if args.as_shipped else 'one-rank settings'}, {args.steps} steps after {args.warmup}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+              f"{settings}, {args.steps} steps after {args.warmup}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads")
     print_table(timings, header)
     shutdown()
     return 0
