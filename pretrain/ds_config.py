@@ -220,6 +220,32 @@ def with_pipeline(ds_config: dict[str, Any], stages: int, partition: str) -> dic
     return config
 
 
+# Switched off where ZeRO-1/2 partition over one rank: there is no communication to overlap, and
+# the contiguous bucket costs a per-gradient copy and hooks (bench/host_overhead.py: docs/performance.md).
+ONE_RANK_ZERO_SETTINGS = {"overlap_comm": False, "contiguous_gradients": False}
+_DEEPSPEED_DEFAULTS_AT_ZERO_1_2 = {"overlap_comm": False, "contiguous_gradients": True}
+
+
+def for_one_zero_rank(ds_config: dict[str, Any], zero_ranks: int) -> tuple[dict[str, Any], str | None]:
+    """(DeepSpeed's JSON, a one-line notice): where ZeRO-1/2 without offload partition over
+    `zero_ranks` = 1 rank, a copy with ONE_RANK_ZERO_SETTINGS, and ZeRO-2 built as ZeRO-1 (one rank
+    has no gradients to partition; ZeRO-2's per-parameter gradient hooks only cost host time); else
+    the JSON itself and None. The arithmetic is the same; a checkpoint is ZeRO-1's, which a ZeRO-2
+    run on other ranks loads through the universal checkpoint (pretrain.universal_checkpoint)."""
+    zero = ds_config.get("zero_optimization") or {}
+    offloaded = any((zero.get(key) or {}).get("device", "none") not in ("none", None) for key in ("offload_optimizer", "offload_param"))
+    stage = zero_stage_of(ds_config)
+    changed = {key: value for key, value in ONE_RANK_ZERO_SETTINGS.items() if zero.get(key, _DEEPSPEED_DEFAULTS_AT_ZERO_1_2[key]) != value}
+    if zero_ranks != 1 or stage not in (1, 2) or offloaded or not (changed or stage == 2):
+        return ds_config, None
+    config = copy.deepcopy(ds_config)
+    config["zero_optimization"].update(changed, stage=1)
+    how = ["built as ZeRO-1 (no gradients to partition at one rank)"] if stage == 2 else []
+    how += [f"zero_optimization.{key} {str(value).lower()}" for key, value in changed.items()]
+    return config, (f"ZeRO-{stage} on one data-parallel rank: {', '.join(how)}: less host time per step, "
+                    "the same losses (docs/performance.md)")
+
+
 def with_universal_loading(ds_config: dict[str, Any]) -> dict[str, Any]:
     """DeepSpeed's JSON with `checkpoint.load_universal` on (a copy): a resume on another number of
     data-parallel ranks (pretrain.universal_checkpoint)."""

@@ -103,7 +103,7 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
     from parallel.degrees import degree_problems
     from parallel.sequence import sequence_parallel_problems
     from parallel.tensor import tensor_parallel_json_problems, with_tensor_parallel
-    from pretrain.ds_config import build_deepspeed_config, read_deepspeed_json, zero_stage_of
+    from pretrain.ds_config import build_deepspeed_config, for_one_zero_rank, read_deepspeed_json, zero_stage_of
     from pretrain.ds_json_checks import deepspeed_json_problems, precision_problems
     from pretrain.pipeline import configure_pipeline, data_parallel_size
 
@@ -127,6 +127,8 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
     try:
         ds_config = build_deepspeed_config(path, config.train, data_parallel_size(config.parallel, world_size), bf16_supported())
         ds_config = configure_pipeline(ds_config, config.parallel, config.model, world_size)
+        ds_config, note = for_one_zero_rank(ds_config, data_parallel_size(config.parallel, world_size) * config.parallel.sequence)
+        found.notes += [note] if note else []
         found.ds_config = with_tensor_parallel(ds_config, config.parallel.tensor)
     except LmforgeError as err:
         found.problems += str(err).splitlines()

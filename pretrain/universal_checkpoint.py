@@ -28,7 +28,8 @@ def needs_universal(record: dict[str, Any], data_parallel_size: int, zero_stage:
     saved_dp, saved_stage = record.get("data_parallel_size"), record.get("zero_stage")
     if saved_dp is None or saved_stage is None:
         return False  # written before records had these: DeepSpeed loads it or says why not
-    if saved_stage != zero_stage:
+    # ZeRO-1 and ZeRO-2 share the universal form (a ZeRO-2 JSON runs as ZeRO-1 on one rank: pretrain.ds_config.for_one_zero_rank)
+    if saved_stage != zero_stage and not ({saved_stage, zero_stage} == {1, 2} and saved_dp != data_parallel_size):
         raise LmforgeError(
             f"{folder}: written with ZeRO-{saved_stage} but deepspeed.config is ZeRO-{zero_stage}; "
             f"resume with a ZeRO-{saved_stage} JSON (e.g. ds_configs/zero{saved_stage}.json)"

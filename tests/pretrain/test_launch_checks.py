@@ -95,8 +95,9 @@ def test_a_valid_split_shorter_than_one_sequence_is_a_note_at_start(stdlib_subse
                  ShardOptions(valid_fraction=0.0, workers=1), progress=False)
     found = run_checks.check_launch(tiny_config(tmp_path, shards), 1)
     assert found.problems == []
-    assert len(found.notes) == 1 and "the valid split of data.path has 0 tokens" in found.notes[0]
-    assert "fewer than one sequence of train.seq_len + 1 = 33: no evaluation" in found.notes[0]
+    notes = [note for note in found.notes if "valid split" in note]  # beside the one-rank ZeRO-1 note
+    assert len(notes) == 1 and "the valid split of data.path has 0 tokens" in notes[0]
+    assert "fewer than one sequence of train.seq_len + 1 = 33: no evaluation" in notes[0]
 
 
 def test_the_start_line_counts_parameters_from_the_config_not_the_partitioned_module():
@@ -145,7 +146,8 @@ def test_prepare_keeps_the_config_it_checked(shards, tmp_path):
 
     run = prepare(tiny_config(tmp_path, shards), 1)
     assert run.config.model.vocab_size == 512 and run.ds_config["train_batch_size"] == 2
-    assert (tmp_path / "run").is_dir() and run.notes == ()  # created only once every check passed
+    assert (tmp_path / "run").is_dir()  # created only once every check passed
+    assert [note.split(":")[0] for note in run.notes] == ["ZeRO-1 on one data-parallel rank"]  # pretrain.ds_config.for_one_zero_rank
 
 
 def test_a_gpt2_model_with_grouped_query_attention_is_refused_before_training_not_when_reading_old_runs(shards, tmp_path):

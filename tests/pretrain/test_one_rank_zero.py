@@ -1,0 +1,148 @@
+"""ZeRO-1/2 on one data-parallel rank run as ZeRO-1 with overlap and contiguous buckets off (pretrain.ds_config.for_one_zero_rank),
+announced at launch, with ZeRO-0's losses; multi-rank runs keep the JSON's settings."""
+import json
+import subprocess
+
+import pytest
+
+from lmforge.errors import LmforgeError
+from pretrain import checkpoint
+from pretrain.config import REPO_ROOT
+from pretrain.ds_config import ONE_RANK_ZERO_SETTINGS, for_one_zero_rank
+from pretrain.universal_checkpoint import needs_universal
+from tests.pretrain.training_runs import REPO, run_env, step_losses, tiny_overrides, training_command
+
+
+def shipped(name: str) -> dict:
+    return json.loads((REPO_ROOT / "ds_configs" / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero1_actckpt.json", "zero2_bf16.json"])
+def test_one_rank_zero_1_2_run_as_zero1_without_overlap_and_contiguous_buckets_with_a_note(name):
+    stage = shipped(name)["zero_optimization"]["stage"]
+    config, note = for_one_zero_rank(shipped(name), 1)
+    zero = config["zero_optimization"]
+    assert (zero["stage"], zero["overlap_comm"], zero["contiguous_gradients"]) == (1, False, False)
+    assert {k: v for k, v in config.items() if k != "zero_optimization"} == {k: v for k, v in shipped(name).items() if k != "zero_optimization"}
+    built_as = "built as ZeRO-1 (no gradients to partition at one rank), " if stage == 2 else ""
+    assert note.startswith(f"ZeRO-{stage} on one data-parallel rank: {built_as}zero_optimization.overlap_comm false, "
+                           "zero_optimization.contiguous_gradients false: less host time per step")
+    assert shipped(name)["zero_optimization"]["overlap_comm"] is True  # a copy: the JSON read is unchanged
+
+
+@pytest.mark.parametrize("name,ranks", [("zero1.json", 2), ("zero2.json", 4), ("zero0.json", 1), ("zero3.json", 1),
+                                        ("zero3_offload.json", 1)])
+def test_other_layouts_keep_the_json_as_it_is(name, ranks):
+    config, note = for_one_zero_rank(shipped(name), ranks)
+    assert config == shipped(name) and note is None
+
+
+def test_a_json_already_without_overlap_and_buckets_changes_only_a_zero2_stage():
+    config = {"zero_optimization": {"stage": 1, **ONE_RANK_ZERO_SETTINGS}}
+    assert for_one_zero_rank(config, 1) == (config, None)
+    built, note = for_one_zero_rank({"zero_optimization": {"stage": 2, **ONE_RANK_ZERO_SETTINGS}}, 1)
+    assert built["zero_optimization"]["stage"] == 1 and note.endswith("(docs/performance.md)")
+
+
+def test_zero1_and_zero2_checkpoints_load_each_other_only_on_another_number_of_ranks(tmp_path):
+    """A ZeRO-2 JSON runs as ZeRO-1 on one rank: its checkpoint and a ZeRO-2 one cross through the universal form."""
+    assert needs_universal({"data_parallel_size": 2, "zero_stage": 2}, 1, 1, tmp_path) is True
+    assert needs_universal({"data_parallel_size": 1, "zero_stage": 1}, 4, 2, tmp_path) is True
+    for record, ranks, stage in (({"data_parallel_size": 2, "zero_stage": 1}, 2, 2), ({"data_parallel_size": 1, "zero_stage": 0}, 2, 1)):
+        with pytest.raises(LmforgeError, match=f"written with ZeRO-{record['zero_stage']} but deepspeed.config is ZeRO-{stage}"):
+            needs_universal(record, ranks, stage, tmp_path)
+
+
+def train_one_rank(run_dir, shards, stage: int) -> tuple[list[dict], str]:
+    sets = tiny_overrides(run_dir, shards, **{"deepspeed.config": f"ds_configs/zero{stage}.json", "model.arch": "gpt2",
+                                              "model.n_kv_heads": "null", "train.max_steps": 10})
+    result = subprocess.run(training_command(1) + ["--config", "tiny", *sets], cwd=REPO, env=run_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [line for line in lines if "loss" in line], result.stdout
+
+
+@pytest.mark.slow
+def test_one_rank_zero_1_and_2_train_with_zero_0s_losses_and_say_so(shards, tmp_path):
+    reference, _ = train_one_rank(tmp_path / "zero0", shards, 0)
+    assert len(reference) == 10 and reference[-1]["loss"] < reference[0]["loss"]
+    for stage in (1, 2):
+        steps, stdout = train_one_rank(tmp_path / f"zero{stage}", shards, stage)
+        assert f"note: ZeRO-{stage} on one data-parallel rank: " in stdout and "overlap_comm false" in stdout
+        for ours, theirs in zip(steps, reference, strict=True):
+            assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6, abs=0), f"ZeRO-{stage} step {ours['step']}"
+            assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-6, abs=0), f"ZeRO-{stage} step {ours['step']}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_one_rank_checkpoint_resumes_on_2_ranks_through_the_universal_checkpoint(stage, shards, tmp_path):
+    """The one-rank settings write ZeRO-1's checkpoint (ZeRO-2 too): on 2 ranks it continues the curve."""
+    from tests.pretrain.test_resume_elastic import TOLERANCE, rewind_to, train
+
+    one = tmp_path / "one"
+    json_set = {"deepspeed.config": f"ds_configs/zero{stage}.json"}
+    assert f"note: ZeRO-{stage} on one data-parallel rank" in train(one, shards, 1, **json_set)
+    assert checkpoint.read_record(one / "checkpoints" / "step_00000004")["zero_stage"] == 1
+    reference = step_losses(one)
+    run = rewind_to(one, tmp_path / "on2", 4)
+    out = train(run, shards, 2, **json_set)
+    assert "on one data-parallel rank" not in out  # two ranks keep the JSON's settings
+    assert (f"(saved on 1 data-parallel ranks, loaded through {run / 'checkpoints' / 'step_00000004' / 'universal'})") in out
+    losses = step_losses(run)
+    assert losses[:4] == reference[:4]
+    assert losses[4:] == pytest.approx(reference[4:], rel=TOLERANCE)
+    assert checkpoint.read_record(run / "checkpoints" / "step_00000008")["zero_stage"] == stage
+
+
+FOREACH_NORM_PROBE = """
+import json, torch
+from dataclasses import replace
+from bench.host_overhead import build_stepper
+from lmforge.distributed import init_distributed
+from pretrain.config import TrainConfig
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+init_distributed()
+_, engine = build_stepper(2, replace(TrainConfig(), micro_batch_size=1, seq_len=32, max_steps=100, warmup_steps=10))
+zero, found = engine.optimizer, {}
+found["installed"] = "get_grad_norm_direct" in vars(zero)
+grads = [torch.randn(100, generator=torch.Generator().manual_seed(i)) * (i + 1) for i in range(196)]
+params = [torch.nn.Parameter(torch.zeros(1)) for _ in grads]
+found["ours"], found["deepspeeds"] = float(zero.get_grad_norm_direct(grads, params)), float(DeepSpeedZeroOptimizer.get_grad_norm_direct(zero, grads, params))
+grads[3][0] = float("inf")
+found["inf"] = [float(zero.get_grad_norm_direct(grads, params)), float(DeepSpeedZeroOptimizer.get_grad_norm_direct(zero, grads, params))]
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.slow
+def test_the_one_rank_foreach_norm_equals_deepspeeds_per_tensor_norm():
+    """pretrain.guarded_step swaps DeepSpeed's per-tensor norm loop for one foreach call at one ZeRO rank."""
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", FOREACH_NORM_PROBE], cwd=REPO, env=run_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["installed"] is True
+    assert found["ours"] == found["deepspeeds"] > 0
+    assert found["inf"] == [-1.0, -1.0]  # DeepSpeed's mark of a non-finite norm, which the guard reads
+
+
+@pytest.mark.slow
+def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank_as_zero1(shards, tmp_path):
+    """The other way: ZeRO-2's checkpoint of 2 ranks continues on one rank, where the JSON runs as ZeRO-1."""
+    from tests.pretrain.test_resume_elastic import TOLERANCE, rewind_to, train
+
+    two = tmp_path / "two"
+    train(two, shards, 2, **{"deepspeed.config": "ds_configs/zero2.json"})
+    reference = step_losses(two)
+    run = rewind_to(two, tmp_path / "on1", 4)
+    out = train(run, shards, 1, **{"deepspeed.config": "ds_configs/zero2.json"})
+    assert "note: ZeRO-2 on one data-parallel rank: built as ZeRO-1" in out
+    assert f"(saved on 2 data-parallel ranks, loaded through {run / 'checkpoints' / 'step_00000004' / 'universal'})" in out
+    losses = step_losses(run)
+    assert losses[:4] == reference[:4]
+    assert losses[4:] == pytest.approx(reference[4:], rel=TOLERANCE)
+    assert checkpoint.read_record(run / "checkpoints" / "step_00000008")["zero_stage"] == 1
