@@ -9,7 +9,8 @@
    per iteration and the same iterations (configs/posttrain/table-*.yaml), each measured as in 3: after;
 5. one table (method, iterations, share before, share after, ratio, wall time) on stdout and in DIR/table.json.
 
-Each run is skipped when its checkpoint exists (its wall time is then the one recorded when it ran).
+Each run is skipped when its checkpoint exists (its wall time is then the one recorded when it ran); OUT/settings.json
+records the settings, and a rerun with others into the same OUT is refused.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from posttrain.demo import REPO, finished, lmforge, load_model, pretrain, sets, 
 
 METHODS = ("grpo", "ppo")
 TABLE_FILE = "table.json"
+SETTINGS_FILE = "settings.json"
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Path, TableSettings, list[st
         parser.error(f"--methods: unknown {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
     settings = TableSettings(**{name: getattr(args, name) for name in asdict(defaults)})
     if problems := settings_problems(settings):
-        raise LmforgeError("; ".join(problems))
+        raise LmforgeError("\n".join(problems))
     return args.out, settings, methods
 
 
@@ -85,8 +87,7 @@ def settings_problems(s: TableSettings) -> list[str]:
                           "eval_prompts", "samples", "max_new_tokens") if getattr(s, name) < 1]
     if s.group_size < 2:
         found.append(f"--group-size = {s.group_size}: must be at least 2 (GRPO compares responses to one prompt)")
-    if not s.temperature > 0 or not s.lr > 0:
-        found.append(f"--temperature = {s.temperature}, --lr = {s.lr}: must be positive")
+    found += [f"--{name} = {getattr(s, name)}: must be positive" for name in ("temperature", "lr") if not getattr(s, name) > 0]
     return found
 
 
@@ -161,8 +162,23 @@ def rollout_rewards(run_dir: Path, window: int = 5) -> dict:
 
 
 def commit() -> str | None:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    """The checkout's commit, `-dirty` when it has uncommitted changes; None outside git."""
+    result = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO, capture_output=True, text=True)
     return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def check_same_settings(out: Path, settings: TableSettings) -> None:
+    """OUT's runs are reused, so they must have been made with these settings: OUT/settings.json records them."""
+    path = out / SETTINGS_FILE
+    wanted = asdict(settings)
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if changed := [f"--{k.replace('_', '-')} {recorded.get(k)} -> {v}" for k, v in wanted.items() if recorded.get(k) != v]:
+            raise LmforgeError(f"{path}: the runs in {out} were made with other settings ({', '.join(changed)}); "
+                               "use another --out, or delete it to start over")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(wanted, indent=2))
 
 
 def build_table(out: Path, s: TableSettings, methods: Sequence[str], timings: Timings, counts: dict) -> dict:
@@ -202,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # stall when the cores are shared (two threads' iterations went from 0.7 s to 6-23 s under load).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    check_same_settings(out, settings)
     started = time.perf_counter()
     timings = Timings(out / "timings.json")
     pretrained = out / "pretrain"

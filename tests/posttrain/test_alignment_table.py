@@ -38,3 +38,27 @@ def test_grpo_raises_the_share_of_parseable_bodies_over_the_sft_model_and_the_ta
     # 0.08 (half the measured one, over two standard errors) and the 2x leave room for noise.
     grpo = rows["grpo"]
     assert grpo["share_after"] >= before + 0.08 and grpo["share_after"] >= 2 * before, (before, grpo["share_after"])
+
+
+def test_settings_that_cannot_run_are_refused_in_one_line_before_anything_is_created(tmp_path, capsys):
+    from lmforge.errors import run_cli
+    from posttrain.alignment_table import main
+
+    assert run_cli(main, ["--out", str(tmp_path / "t"), "--iterations", "0", "--group-size", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-2:] == [
+        "error: --iterations = 0: must be at least 1",
+        "error: --group-size = 1: must be at least 2 (GRPO compares responses to one prompt)"]
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_rerun_with_other_settings_into_the_same_out_is_refused(tmp_path, capsys):
+    from lmforge.errors import run_cli
+    from posttrain.alignment_table import SETTINGS_FILE, TableSettings, check_same_settings, main
+
+    check_same_settings(tmp_path, TableSettings())
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text())["iterations"] == TableSettings().iterations
+    assert run_cli(main, ["--out", str(tmp_path), "--iterations", "7"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {tmp_path / SETTINGS_FILE}: the runs in {tmp_path} were made with other settings "
+        f"(--iterations {TableSettings().iterations} -> 7); use another --out, or delete it to start over")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SETTINGS_FILE]
