@@ -209,7 +209,7 @@ def print_table(table: dict) -> None:
         ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}"
         print(f"| {r['method']} | {r['iterations']} | {r['rollouts']} | {r['share_before']:.3f} | "
               f"{r['share_after']:.3f} | {ratio} | {r['seconds']} |")
-    print(f"total {table['seconds']:.0f}s (commit {table['commit']})")
+    print(f"this invocation {table['seconds']:.0f}s (a skipped run reports its recorded time; commit {table['commit']})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
