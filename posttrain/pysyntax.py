@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +19,9 @@ from typing import Iterator
 
 def parses(source: str) -> bool:
     try:
-        ast.parse(source)
+        with warnings.catch_warnings():  # sampled code is full of SyntaxWarnings ("invalid decimal literal")
+            warnings.simplefilter("ignore")
+            ast.parse(source)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
     return True
@@ -61,12 +64,20 @@ def valid_code_lines(prompt: str, completion: str) -> int:
     return 0
 
 
+def _continuation(lines: list[str], statement: ast.stmt, indent: int) -> str:
+    """The statement's source lines with the function's own indent removed (dedent keeps the body's)."""
+    text = "".join(line[indent:] if not line[:indent].strip() else line.lstrip() for line in lines[statement.lineno - 1 : statement.end_lineno])
+    return text if text.endswith("\n") else text + "\n"
+
+
 @dataclass(frozen=True)
 class FunctionPrompt:
     source: str
     """Where it comes from: path:line."""
     prompt: str
     """The function's header and first body statements, dedented, ending with a newline."""
+    continuation: str = ""
+    """The function's next body statement, dedented as the prompt is, ending with a newline: an SFT response."""
 
 
 def function_prompts(path: Path, max_statements: int = 2, max_chars: int = 400) -> Iterator[FunctionPrompt]:
@@ -92,4 +103,4 @@ def function_prompts(path: Path, max_statements: int = 2, max_chars: int = 400) 
         if not prompt.endswith("\n"):
             prompt += "\n"
         if len(prompt) <= max_chars and parses(prompt):
-            yield FunctionPrompt(f"{path}:{node.lineno}", prompt)
+            yield FunctionPrompt(f"{path}:{node.lineno}", prompt, _continuation(lines, node.body[keep], node.col_offset))

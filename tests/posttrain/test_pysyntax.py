@@ -48,6 +48,8 @@ def test_function_prompts_are_parsable_prefixes_with_work_left(tmp_path):
     assert prompt.startswith("@staticmethod\ndef f(x):\n") and prompt.endswith("\n")
     ast.parse(prompt)
     assert "return z" not in prompt and prompts[0].source == f"{source}:3"
+    assert prompts[0].continuation == "    z = y * 2\n"  # the next statement, indented as the dedented body
+    ast.parse(prompt + prompts[0].continuation)
 
 
 def test_real_stdlib_prompts_parse():
@@ -57,6 +59,7 @@ def test_real_stdlib_prompts_parse():
     assert len(prompts) >= 3
     for p in prompts:
         ast.parse(p.prompt)
+        ast.parse(p.prompt + p.continuation)
 
 
 def test_pairs_prefer_valid_completions_and_the_report_counts_them():
