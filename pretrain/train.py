@@ -147,7 +147,7 @@ class Trainer:
     def save(self) -> str:
         client_state = {"step": self.step, "seed": self.config.train.seed, "world_size": self.info.world_size}
         tag = checkpoint.save(self.engine, self.config.run.dir, self.step, client_state, self.config.train.keep_last,
-                              resume.record_for(self.config, self.global_batch))
+                              resume.record_for(self.config, self.global_batch), self.config.train.checkpoint_writer)
         self.saved_step = self.step
         return tag
 
@@ -215,6 +215,7 @@ class Trainer:
                     self.stopped_by = (signals.received if signals else None) or "a signal to another rank"
                     break
                 faults.after_step(step)
+            checkpoint.finish_pending_save(self.engine)  # the last save's files, COMPLETE and latest are on disk
         finally:
             if self.batches is not None:
                 self.batches.close()

@@ -1,0 +1,83 @@
+"""train.checkpoint_writer=background (pretrain/background_checkpoint.py): training goes on while a
+checkpoint is written, the checkpoint is the blocking writer's (same files, same weights through
+zero_to_fp32), a run killed while one is written resumes from the previous one, and resuming stays
+bit-exact; ZeRO-1 on 1 rank and ZeRO-2 on 2 ranks (torchrun)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain import checkpoint
+from pretrain.background_checkpoint import WRITTEN_RECORD
+from tests.pretrain.test_resume_interrupted import (assert_latest_is_complete_and_intact, crash, deterministic_metrics,
+                                                    logged_steps, wait_for)
+from tests.pretrain.training_runs import run_training, start_training
+
+pytestmark = pytest.mark.slow
+
+SETUPS = {"zero1-1rank": (1, "ds_configs/zero1.json"), "zero2-2ranks": (2, "ds_configs/zero2.json")}
+MAX_STEPS, SAVE_INTERVAL = 8, 3
+
+
+def settings(setup: str, writer: str, **more) -> dict:
+    return {"deepspeed.config": SETUPS[setup][1], "train.max_steps": MAX_STEPS, "train.save_interval": SAVE_INTERVAL,
+            "train.keep_last": 2, "train.checkpoint_writer": writer, **more}
+
+
+def folder_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_background_checkpoints_are_the_blocking_ones_and_a_kill_mid_write_resumes_bit_exact(setup, shards, tmp_path):
+    nproc = SETUPS[setup][0]
+    blocking, background = tmp_path / "blocking", tmp_path / "background"
+    run_training(blocking, shards, nproc, **settings(setup, "blocking"))
+    run_training(background, shards, nproc, **settings(setup, "background"))
+
+    # The same losses, the same checkpoint files, the same consolidated fp32 weights.
+    assert deterministic_metrics(background) == deterministic_metrics(blocking)
+    assert checkpoint.complete_tags(background) == checkpoint.complete_tags(blocking) == ["step_00000006", "step_00000008"]
+    final = "step_00000008"
+    assert checkpoint.latest_tag(background) == final and checkpoint.damage(background, final) == []
+    folder = checkpoint.checkpoints_dir(background) / final
+    assert folder_files(folder) == folder_files(checkpoint.checkpoints_dir(blocking) / final)  # no written_rank*.json left
+    record = checkpoint.read_record(folder)
+    assert record["writer"] == "background" and record["blocked_seconds"] >= 0
+    assert sorted(record["files"]) == [n for n in folder_files(folder) if n != "COMPLETE"]
+    weights, _ = checkpoint.consolidated_state_dict(background)
+    expected, _ = checkpoint.consolidated_state_dict(blocking)
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+
+    # Killed while step 6 is written (its thread sleeps after the files, before COMPLETE), with training
+    # already past step 6: `latest` stays on step 3, and the rerun reproduces the uninterrupted run.
+    killed = tmp_path / "killed"
+    proc = start_training(killed, shards, nproc, {"LMFORGE_FAULT_SAVE_DELAY": "120@6", "LMFORGE_FAULT_STEP_DELAY": "0.2"},
+                          **settings(setup, "background"))
+    in_flight = checkpoint.checkpoints_dir(killed) / "step_00000006"
+    wait_for(lambda: all((in_flight / f"rng_rank{r}.pt").exists() for r in range(nproc)) and max(logged_steps(killed), default=0) >= 7,
+             proc, "step 7 while step 6 is being written")
+    time.sleep(0.2)
+    crash(proc)
+    assert not (in_flight / "COMPLETE").exists()
+    assert assert_latest_is_complete_and_intact(killed) == "step_00000003"
+    run_training(killed, shards, nproc, **settings(setup, "background"))
+    assert [m for m in deterministic_metrics(killed) if m["step"] > 3] == [m for m in deterministic_metrics(blocking) if m["step"] > 3]
+    assert checkpoint.complete_tags(killed) == ["step_00000006", "step_00000008"] and not in_flight.joinpath(WRITTEN_RECORD.format(rank=0)).exists()
+
+
+def test_a_background_write_that_fails_is_reported_at_the_next_save_and_keeps_the_previous(shards, tmp_path):
+    run = tmp_path / "run"
+    proc = start_training(run, shards, 1, {"LMFORGE_FAULT_SAVE_ERROR": "6"}, **settings("zero1-1rank", "background"))
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    folder = checkpoint.checkpoints_dir(run) / "step_00000006"
+    assert len(errors) == 1 and errors[0].startswith(f"error: {folder}: checkpoint not written (rank 0: No space left on device")
+    assert f"the previous checkpoint {checkpoint.checkpoints_dir(run) / 'step_00000003'} is kept" in errors[0]
+    assert not folder.exists() and checkpoint.latest_tag(run) == "step_00000003"
+    assert json.loads((folder.parent / "step_00000003" / "COMPLETE").read_text())["writer"] == "background"
