@@ -4,20 +4,21 @@ zero_to_fp32), a run killed while one is written resumes from the previous one, 
 bit-exact; ZeRO-1 on 1 rank and ZeRO-2 on 2 ranks (torchrun)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 
 from pretrain import checkpoint
-from pretrain.background_checkpoint import WRITTEN_RECORD
+from pretrain.background_checkpoint import WRITTEN_RECORD, BackgroundCheckpointEngine, write_hashed
+from pretrain.ds_config import checkpoint_writer_of, checkpoint_writer_problems
 from tests.pretrain.test_resume_interrupted import (assert_latest_is_complete_and_intact, crash, deterministic_metrics,
                                                     logged_steps, wait_for)
 from tests.pretrain.training_runs import run_training, start_training
-
-pytestmark = pytest.mark.slow
 
 SETUPS = {"zero1-1rank": (1, "ds_configs/zero1.json"), "zero2-2ranks": (2, "ds_configs/zero2.json")}
 MAX_STEPS, SAVE_INTERVAL = 8, 3
@@ -32,6 +33,38 @@ def folder_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+def test_a_snapshot_is_a_host_copy_that_later_updates_do_not_change_and_its_file_is_hashed(tmp_path):
+    weight = torch.arange(6, dtype=torch.float32).requires_grad_()
+    state = OrderedDict(w=weight, tied=weight, step=3, moments=[torch.ones(2, dtype=torch.bfloat16)])
+    state._metadata = {"": {"version": 1}}
+    engine = BackgroundCheckpointEngine()
+    copy = engine.snapshot(state, "model.pt")
+    with torch.no_grad():
+        weight.add_(100)
+        state["moments"][0].zero_()
+    assert copy["w"].tolist() == [0, 1, 2, 3, 4, 5] and copy["tied"] is copy["w"] and not copy["w"].requires_grad
+    assert copy["moments"][0].tolist() == [1, 1] and copy["moments"][0].dtype == torch.bfloat16 and copy["step"] == 3
+    assert copy._metadata == {"": {"version": 1}}
+    assert engine.snapshot(state, "model.pt")["w"].data_ptr() == copy["w"].data_ptr()  # the buffers are reused
+    entry = write_hashed(copy, tmp_path / "model.pt", zipfile_serialization=True)
+    data = (tmp_path / "model.pt").read_bytes()
+    assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert torch.load(tmp_path / "model.pt", weights_only=False)["w"].tolist() == [100, 101, 102, 103, 104, 105]
+
+
+def test_auto_writes_in_the_background_unless_an_offload_or_deepspeeds_own_writer_is_set():
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    ds_writer = {"checkpoint": {"writer": {"type": "python"}}}
+    assert checkpoint_writer_of("auto", {"zero_optimization": {"stage": 2}}) == "background"
+    assert checkpoint_writer_of("auto", offload) == checkpoint_writer_of("auto", ds_writer) == "blocking"
+    assert checkpoint_writer_of("background", offload) == "background" and checkpoint_writer_of("blocking", {}) == "blocking"
+    assert checkpoint_writer_problems("auto", ds_writer, Path("ds.json")) == checkpoint_writer_problems("background", {}, Path("x")) == []
+    assert checkpoint_writer_problems("background", ds_writer, Path("ds.json")) == [
+        "train.checkpoint_writer = background: ds.json sets checkpoint.writer (DeepSpeed's own writer), which the background "
+        "writer would replace; remove one of them (or set train.checkpoint_writer to auto)"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_background_checkpoints_are_the_blocking_ones_and_a_kill_mid_write_resumes_bit_exact(setup, shards, tmp_path):
     nproc = SETUPS[setup][0]
@@ -70,6 +103,7 @@ def test_background_checkpoints_are_the_blocking_ones_and_a_kill_mid_write_resum
     assert checkpoint.complete_tags(killed) == ["step_00000006", "step_00000008"] and not in_flight.joinpath(WRITTEN_RECORD.format(rank=0)).exists()
 
 
+@pytest.mark.slow
 def test_a_background_write_that_fails_is_reported_at_the_next_save_and_keeps_the_previous(shards, tmp_path):
     run = tmp_path / "run"
     proc = start_training(run, shards, 1, {"LMFORGE_FAULT_SAVE_ERROR": "6"}, **settings("zero1-1rank", "background"))
