@@ -14,8 +14,10 @@ next to the measured ones. Runs on the CPU too (a tiny preset proves the table, 
 
 --save saves twice through pretrain.checkpoint.save (what training runs: DeepSpeed's files, the RNG files, sha256
 of every file, COMPLETE) and reports of the second `blocked s` (the save call: how long training stops), `write s`
-(until COMPLETE is on disk), `steps` (optimizer steps trained while the write was in flight, at most --steps) and
-the checkpoint's bytes; `1st blk s` is the first save's blocked time (it also allocates the host buffers). Writers (`save.writer=`):
+(until COMPLETE is on disk), `steps` (of the --steps steps trained after the save, those that ended while the
+write was in flight), `wait s` (how long the end of those steps waited for the write: training stops again there
+if the next save comes sooner than the write ends) and the checkpoint's bytes; `1st blk s` is the first save's
+blocked time (it also allocates the background writer's host buffers). Writers (`save.writer=`):
 - `blocking` (the default): DeepSpeed's torch.save engine, then the sha256 of every file, before training goes on;
 - `background`: pretrain/background_checkpoint.py: a host copy, then a thread writes, hashes and fsyncs;
 - `python` / `fast`: DeepSpeed's own writers (runtime/model_checkpointing/writer_factory.py; `fast` loads the aio
@@ -141,7 +143,7 @@ def run_row(row: str, args, info) -> dict:
 
 
 def timed_save(engine, run_dir: Path, writer: str, batches, max_steps: int) -> dict:
-    """Saves twice as training does (pretrain.checkpoint.save), training on while each write is in flight.
+    """Saves twice as training does (pretrain.checkpoint.save), then trains `max_steps` steps and waits for the write.
 
     The second save is the one reported: the first also allocates (and on a GPU pins) the background
     writer's host buffers, which later saves reuse; its blocked time is `first_save_seconds`.
@@ -150,22 +152,25 @@ def timed_save(engine, run_dir: Path, writer: str, batches, max_steps: int) -> d
     from pretrain.engine import optimizer_step
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    blocked = []
     for step in (1, 2):
         started = time.perf_counter()
         tag = checkpoint.save(engine, run_dir, step, {"step": step}, keep_last=1,
                               writer="background" if writer == "background" else "blocking")
-        blocked.append(time.perf_counter() - started)
+        blocked = time.perf_counter() - started
+        first = blocked if step == 1 else first
+        write = getattr(engine.checkpoint_engine, "in_flight", None)
         steps = 0
-        in_flight = getattr(engine.checkpoint_engine, "in_flight", None)
-        while in_flight is not None and not in_flight.done() and steps < max_steps:
+        for _ in range(max_steps):  # always max_steps: whether a write is done differs between ranks
             optimizer_step(engine, batches)
-            steps += 1
+            steps += write is not None and not write.done()
+        waiting = time.perf_counter()
         checkpoint.finish_pending_save(engine)
-        written = time.perf_counter() - started
+        waited = time.perf_counter() - waiting if write is not None else 0.0
+        written = blocked + (write.write_seconds or 0.0 if write is not None else 0.0)
     folder = checkpoint.checkpoints_dir(run_dir) / tag
-    return {"first_save_seconds": blocked[0], "save_seconds": blocked[1], "write_seconds": written, "steps_during_write": steps,
-            "checkpoint_bytes": folder_bytes(folder), "host_peak_after_save_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    return {"first_save_seconds": first, "save_seconds": blocked, "write_seconds": written, "steps_during_write": steps,
+            "wait_seconds": waited, "checkpoint_bytes": folder_bytes(folder),
+            "host_peak_after_save_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "checkpoint_files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}}
 
 
@@ -175,15 +180,15 @@ def _gib(n) -> str:
 
 def print_table(rows: list[dict], device: str) -> None:
     print(f"max_model on {device}: MFU over {H200_PEAK_BF16 / 1e12:.1f} TFLOP/s dense bf16; peaks in GiB")
-    print(f"{'row':<48} {'params':>8} {'tok/step':>9} {'tok/s':>9} {'MFU':>6} {'GPU pk':>7} {'host pk':>8} {'B/param':>8} {'1st blk s':>9} {'blocked s':>9} {'write s':>7} {'steps':>5} {'ckpt GiB':>8}")
+    print(f"{'row':<48} {'params':>8} {'tok/step':>9} {'tok/s':>9} {'MFU':>6} {'GPU pk':>7} {'host pk':>8} {'B/param':>8} {'1st blk s':>9} {'blocked s':>9} {'write s':>7} {'steps':>5} {'wait s':>6} {'ckpt GiB':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['row']:<48} failed: {r['error']}")
             continue
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         saved = "save_seconds" in r
-        save = (f"{r['first_save_seconds']:>9.2f} {r['save_seconds']:>9.2f} {r['write_seconds']:>7.2f} {r['steps_during_write']:>5}"
-                if saved else f"{'-':>9} {'-':>9} {'-':>7} {'-':>5}")
+        save = (f"{r['first_save_seconds']:>9.2f} {r['save_seconds']:>9.2f} {r['write_seconds']:>7.2f} {r['steps_during_write']:>5} "
+                f"{r['wait_seconds']:>6.2f}" if saved else f"{'-':>9} {'-':>9} {'-':>7} {'-':>5} {'-':>6}")
         print(f"{r['row']:<48} {r['params'] / 1e9:>7.3f}B {r['tokens_per_step']:>9,} {r['tokens_per_second']:>9,.0f} {mfu:>6} "
               f"{_gib(r['gpu_peak_bytes']):>7} {_gib(r['host_peak_bytes']):>8} {r['host_bytes_per_param']:>8.1f} {save} "
               f"{_gib(r.get('checkpoint_bytes')):>8}")
