@@ -8,7 +8,9 @@ to the next) and returns; `BackgroundWrite` then torch.saves the copies from a t
 bytes as they go out, fsyncs each file and leaves a small per-rank record of what it wrote. The main
 rank's thread waits for every rank's record and only then runs the commit it was given (the
 COMPLETE record, `latest`, pruning): a run killed meanwhile leaves `latest` on the previous
-checkpoint. The next save, and the end of training, wait for the write in flight.
+checkpoint. The next save, and the end of training, wait for the write in flight. A file whose host
+copy would not fit in this rank's share of the available host memory is written before `save`
+returns, as the blocking writer would (a note says so once).
 
 DeepSpeed's own decoupled engine (a writer process fed through a queue) fails here at ZeRO-1/2
 ("Cowardly refusing to serialize non-leaf tensor which requires_grad": the fp32 partitions) and
@@ -34,6 +36,9 @@ from lmforge.files import write_atomic
 WRITTEN_RECORD = "written_rank{rank:05d}.json"
 """Per-rank record of the files a background write finished (removed once COMPLETE is written)."""
 RECORD_POLL_SECONDS = 0.05
+HOST_MEMORY_SHARE = 0.8
+"""A host copy may take this fraction of MemAvailable, split between the host's ranks; a file whose copy
+would not fit is written before `save` returns (training waits for that file only)."""
 
 
 class _HashingFile:
@@ -69,15 +74,25 @@ class BackgroundCheckpointEngine(CheckpointEngine):
         super().__init__()
         self.name = "lmforge.BackgroundCheckpointEngine"
         self.zipfile_serialization = zipfile_serialization
-        self.pending: list[tuple[Any, Path]] = []
+        self.pending: list[tuple[Any, Path, dict[str, Any] | None]] = []
+        """(host copy, path, None), or (None, path, {"bytes", "sha256"}) for a file already written."""
         self.in_flight: BackgroundWrite | None = None
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
+        self._noted = False
 
     def create(self, info: CheckpointCommitInfo) -> None:
         assert self.in_flight is None or self.in_flight.done(), "a save started before the previous write was waited for"
 
     def save(self, state_dict, path: str) -> None:
-        self.pending.append((self.snapshot(state_dict, Path(path).name), Path(path)))
+        name, needed, available = Path(path).name, self._new_host_bytes(state_dict, Path(path).name), _host_bytes_available()
+        if available is not None and needed > available:
+            if not self._noted:
+                print(f"note: {path}: written before training goes on (its host copy needs {needed / 1e9:.1f} GB, "
+                      f"{available / 1e9:.1f} GB of host memory is this rank's share of what is available)", flush=True)
+                self._noted = True
+            self.pending.append((None, Path(path), write_hashed(state_dict, Path(path), self.zipfile_serialization)))
+            return
+        self.pending.append((self.snapshot(state_dict, name), Path(path), None))
 
     def load(self, path: str, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=False)
@@ -114,6 +129,30 @@ class BackgroundCheckpointEngine(CheckpointEngine):
             torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
         return result
 
+    def _new_host_bytes(self, obj: Any, name: str) -> int:
+        """Host bytes `snapshot(obj, name)` would allocate (torch rounds pinned blocks up to a power of two)."""
+        seen: dict[int, None] = {}
+        needed = 0
+
+        def visit(value: Any) -> None:
+            nonlocal needed
+            if torch.is_tensor(value):
+                if id(value) not in seen:
+                    buffer = self._buffers.get((name, len(seen)))
+                    seen[id(value)] = None
+                    if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                        size = value.numel() * value.element_size()
+                        needed += 1 << max(size - 1, 0).bit_length() if value.device.type == "cuda" else size
+            elif isinstance(value, dict):
+                for item in value.values():
+                    visit(item)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    visit(item)
+
+        visit(obj)
+        return needed
+
     def _host_copy(self, tensor: torch.Tensor, key: tuple[str, int]) -> torch.Tensor:
         buffer = self._buffers.get(key)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
@@ -123,9 +162,19 @@ class BackgroundCheckpointEngine(CheckpointEngine):
         buffer.copy_(tensor, non_blocking=tensor.device.type == "cuda")
         return buffer
 
-    def take_pending(self) -> list[tuple[Any, Path]]:
+    def take_pending(self) -> list[tuple[Any, Path, dict[str, Any] | None]]:
         pending, self.pending = self.pending, []
         return pending
+
+
+def _host_bytes_available() -> int | None:
+    """This rank's share of HOST_MEMORY_SHARE of MemAvailable (None where /proc/meminfo is missing)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            kib = next(int(line.split()[1]) for line in handle if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return int(kib * 1024 * HOST_MEMORY_SHARE) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def install(engine) -> BackgroundCheckpointEngine:
@@ -147,7 +196,7 @@ class BackgroundWrite:
     records of ranks that failed; `wait()` joins the thread and returns the first error, or None.
     """
 
-    def __init__(self, folder: Path, files: list[tuple[Any, Path]], rank: int, world_size: int, zipfile_serialization: bool,
+    def __init__(self, folder: Path, files: list[tuple[Any, Path, dict[str, Any] | None]], rank: int, world_size: int, zipfile_serialization: bool,
                  commit: Callable[[dict[str, dict[str, Any]]], None] | None, abort: Callable[[], None] | None,
                  before_record: Callable[[Path], None], blocked_seconds: float):
         self.folder, self.files, self.rank, self.world_size = Path(folder), files, rank, world_size
@@ -178,8 +227,8 @@ class BackgroundWrite:
         started = time.perf_counter()
         try:
             written = {}
-            for obj, path in self.files:
-                written[path.name] = write_hashed(obj, path, self.zipfile_serialization)
+            for obj, path, entry in self.files:
+                written[path.name] = entry or write_hashed(obj, path, self.zipfile_serialization)
             self.files = []  # the host copies stay in the engine's buffers for the next save
             self.before_record(self.folder)
             self._write_record({"files": written})

@@ -188,7 +188,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], keep_la
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         rng_path = folder / f"rng_rank{distributed.rank()}.pt"
         if background:
-            pending = writer_engine.take_pending() + [(rng_state(), rng_path)]
+            pending = writer_engine.take_pending() + [(rng_state(), rng_path, None)]
         else:
             torch.save(rng_state(), rng_path)
             faults.during_save(step, str(folder))

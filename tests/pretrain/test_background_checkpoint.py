@@ -52,6 +52,20 @@ def test_a_snapshot_is_a_host_copy_that_later_updates_do_not_change_and_its_file
     assert torch.load(tmp_path / "model.pt", weights_only=False)["w"].tolist() == [100, 101, 102, 103, 104, 105]
 
 
+def test_a_file_whose_host_copy_does_not_fit_is_written_before_save_returns(tmp_path, monkeypatch, capsys):
+    from pretrain import background_checkpoint
+
+    engine = BackgroundCheckpointEngine()
+    monkeypatch.setattr(background_checkpoint, "_host_bytes_available", lambda: 1000)
+    engine.save({"small": torch.zeros(10)}, str(tmp_path / "small.pt"))  # 40 bytes: copied
+    engine.save({"big": torch.zeros(1000)}, str(tmp_path / "big.pt"))  # 4000 bytes: written now
+    (small, small_path, small_entry), (big, big_path, big_entry) = engine.take_pending()
+    assert small_entry is None and small["small"].tolist() == [0.0] * 10 and not small_path.exists()
+    data = big_path.read_bytes()
+    assert big is None and big_entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert f"note: {big_path}: written before training goes on (its host copy needs 0.0 GB" in capsys.readouterr().out
+
+
 def test_auto_writes_in_the_background_unless_an_offload_or_deepspeeds_own_writer_is_set():
     offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
     ds_writer = {"checkpoint": {"writer": {"type": "python"}}}
