@@ -6,6 +6,8 @@ optimizer and scheduler states for any ZeRO stage) plus `rng_rank<r>.pt` per ran
 every file); RUN_DIR/checkpoints/latest names the newest complete tag, in DeepSpeed's format,
 replaced atomically only after every rank has finished writing. So a run killed at any moment
 leaves `latest` on a complete checkpoint, and older ones are pruned only after a newer one is.
+With train.checkpoint_writer background the same files are written by a thread from a host copy
+(pretrain/background_checkpoint.py) and the next save (or `finish_pending_save`) waits for them.
 """
 from __future__ import annotations
 
