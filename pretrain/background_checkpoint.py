@@ -219,8 +219,8 @@ class BackgroundWrite:
     def give_up(self) -> None:
         self._give_up.set()
 
-    def wait(self) -> str | None:
-        self._thread.join()
+    def wait(self, timeout: float | None = None) -> str | None:
+        self._thread.join(timeout)
         return self.error
 
     def _run(self) -> None:

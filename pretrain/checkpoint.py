@@ -267,6 +267,15 @@ def finish_pending_save(engine) -> dict[str, float] | None:
     return {"blocked_seconds": write.blocked_seconds, "write_seconds": write.write_seconds or 0.0}
 
 
+def settle_pending_save(engine, timeout: float = 600.0) -> None:
+    """This rank alone (no collective: for a run stopping on an error): lets the write in flight end,
+    so the last save before the error completes if every rank gets here; a failed one stays incomplete."""
+    write = getattr(getattr(engine, "checkpoint_engine", None), "in_flight", None)
+    if write is not None:
+        engine.checkpoint_engine.in_flight = None
+        write.wait(timeout)
+
+
 def _prune(run_dir: Path, keep_last: int, keep: str) -> None:
     """Deletes all but the newest keep_last complete checkpoints, and every incomplete folder."""
     root = checkpoints_dir(run_dir)

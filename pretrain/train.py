@@ -218,6 +218,7 @@ class Trainer:
                 faults.after_step(step)
             checkpoint.finish_pending_save(self.engine)  # the last save's files, COMPLETE and latest are on disk
         finally:
+            checkpoint.settle_pending_save(self.engine)  # stopped by an error: the save before it still completes
             if self.batches is not None:
                 self.batches.close()
                 self.batches = None

@@ -129,3 +129,15 @@ def test_a_background_write_that_fails_is_reported_at_the_next_save_and_keeps_th
     assert f"the previous checkpoint {checkpoint.checkpoints_dir(run) / 'step_00000003'} is kept" in errors[0]
     assert not folder.exists() and checkpoint.latest_tag(run) == "step_00000003"
     assert json.loads((folder.parent / "step_00000003" / "COMPLETE").read_text())["writer"] == "background"
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_an_error_while_a_save_is_written_still_completes_that_save(shards, tmp_path):
+    run = tmp_path / "run"
+    # step 3's write sleeps 2 s; step 4's loss is NaN and one bad step stops the run meanwhile
+    env = {"LMFORGE_FAULT_SAVE_DELAY": "2@3", "LMFORGE_FAULT_NAN_AT_STEP": "4"}
+    proc = start_training(run, shards, 1, env, **settings("zero1-1rank", "background", **{"train.max_bad_steps": 1}))
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 2 and "error: " in output, output[-3000:]
+    assert "fault: sleeping 2s inside the save" in output
+    assert assert_latest_is_complete_and_intact(run) == "step_00000003"
