@@ -174,7 +174,8 @@ def _host_bytes_available() -> int | None:
             kib = next(int(line.split()[1]) for line in handle if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return None
-    return int(kib * 1024 * HOST_MEMORY_SHARE) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    local_ranks = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"  # torchrun's, DeepSpeed's launcher's
+    return int(kib * 1024 * HOST_MEMORY_SHARE) // max(1, int(local_ranks))
 
 
 def install(engine) -> BackgroundCheckpointEngine:
