@@ -19,6 +19,7 @@ writer needs the aio op (libaio), which neither the GPU image nor the CPU CI has
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -36,6 +37,8 @@ from lmforge.files import write_atomic
 WRITTEN_RECORD = "written_rank{rank:05d}.json"
 """Per-rank record of the files a background write finished (removed once COMPLETE is written)."""
 RECORD_POLL_SECONDS = 0.05
+PLAIN_VALUES = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device, torch.Size)
+"""Values a snapshot keeps as they are: training cannot change them in place."""
 HOST_MEMORY_SHARE = 0.8
 """A host copy may take this fraction of MemAvailable, split between the host's ranks; a file whose copy
 would not fit is written before `save` returns (training waits for that file only)."""
@@ -104,11 +107,13 @@ class BackgroundCheckpointEngine(CheckpointEngine):
         return False  # the snapshot copies each tensor alone: DeepSpeed need not clone views first
 
     def snapshot(self, obj: Any, name: str) -> Any:
-        """`obj` with every tensor replaced by a host copy (same dtype and shape; one copy per tensor object)."""
+        """`obj` with every tensor replaced by a host copy (same dtype and shape; one copy per tensor
+        object) and every other object but plain values deep-copied (DeepSpeed's LossScaler changes its
+        scale in place)."""
         copies: dict[int, torch.Tensor] = {}
         on_gpu = [False]
 
-        def copy(value: Any) -> Any:
+        def copy_of(value: Any) -> Any:
             if torch.is_tensor(value):
                 if id(value) not in copies:
                     copies[id(value)] = self._host_copy(value.detach(), (name, len(copies)))
@@ -116,15 +121,15 @@ class BackgroundCheckpointEngine(CheckpointEngine):
                 return copies[id(value)]
             if isinstance(value, dict):
                 copied = type(value)()
-                copied.update((k, copy(v)) for k, v in value.items())
+                copied.update((k, copy_of(v)) for k, v in value.items())
                 if hasattr(value, "_metadata"):  # a module state dict's versions, read by load_state_dict
                     copied._metadata = value._metadata
                 return copied
             if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-                return type(value)(copy(v) for v in value)
-            return value  # numbers, strings, configs: nothing training changes in place
+                return type(value)(copy_of(v) for v in value)
+            return value if isinstance(value, PLAIN_VALUES) else copy.deepcopy(value)
 
-        result = copy(obj)
+        result = copy_of(obj)
         if on_gpu[0]:
             torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
         return result

@@ -33,15 +33,23 @@ def folder_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+class _Scaler:  # as DeepSpeed's LossScaler: an object in the optimizer state whose scale changes in place
+    def __init__(self):
+        self.cur_scale = 1.0
+
+
 def test_a_snapshot_is_a_host_copy_that_later_updates_do_not_change_and_its_file_is_hashed(tmp_path):
     weight = torch.arange(6, dtype=torch.float32).requires_grad_()
-    state = OrderedDict(w=weight, tied=weight, step=3, moments=[torch.ones(2, dtype=torch.bfloat16)])
+    scaler = _Scaler()
+    state = OrderedDict(w=weight, tied=weight, step=3, moments=[torch.ones(2, dtype=torch.bfloat16)], loss_scaler=scaler)
     state._metadata = {"": {"version": 1}}
     engine = BackgroundCheckpointEngine()
     copy = engine.snapshot(state, "model.pt")
     with torch.no_grad():
         weight.add_(100)
         state["moments"][0].zero_()
+    scaler.cur_scale = 0.5
+    assert copy["loss_scaler"].cur_scale == 1.0
     assert copy["w"].tolist() == [0, 1, 2, 3, 4, 5] and copy["tied"] is copy["w"] and not copy["w"].requires_grad
     assert copy["moments"][0].tolist() == [1, 1] and copy["moments"][0].dtype == torch.bfloat16 and copy["step"] == 3
     assert copy._metadata == {"": {"version": 1}}
