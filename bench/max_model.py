@@ -5,17 +5,26 @@
 
 A row is `preset:dsjson[:key=value+key=value]`: a preset of configs/ (or `llama-13b`, Llama-2-13B's shape,
 defined here), a JSON of ds_configs/, and settings: `train.*` / `model.*` override the YAML (as --set does),
-`save.writer=python|fast` and `save.decoupled=true` pick DeepSpeed's checkpoint writer for --save, any
-other dotted key sets the DeepSpeed JSON (e.g. `zero_optimization.offload_optimizer.ratio=0.5`). The model
-is built by pretrain.engine.build_model (under deepspeed.zero.Init for ZeRO-3: no full fp32 copy on the
-host). Each row trains --steps steps of random tokens after one warm-up step and prints one table line;
---json writes them all, with each row's resolved configs: `python -m launch.memory_compare ROWS.json` prints
-launch.memory_estimate's GPU/host peaks next to the measured ones. Runs on the CPU too (a tiny preset proves the table, tests/bench/test_max_model.py).
+`save.writer=` picks the checkpoint writer of --save, any other dotted key sets the DeepSpeed JSON
+(e.g. `zero_optimization.offload_optimizer.ratio=0.5`). The model is built by pretrain.engine.build_model
+(under deepspeed.zero.Init for ZeRO-3: no full fp32 copy on the host). Each row trains --steps steps of
+random tokens after one warm-up step and prints one table line; --json writes them all, with each row's
+resolved configs: `python -m launch.memory_compare ROWS.json` prints launch.memory_estimate's GPU/host peaks
+next to the measured ones. Runs on the CPU too (a tiny preset proves the table, tests/bench/test_max_model.py).
 
-Checkpoint writers (DeepSpeed 0.19.8, runtime/model_checkpointing/writer_factory.py): `"type": "fast"`
-loads AsyncIOBuilder (libaio, JIT-built) or GDS; `"type": "python"` (PyFileWriter) and `"decoupled": true`
-(a writer process, runtime/checkpoint_engine/decoupled_checkpoint_engine.py) build no aio op. The writer
-engine reads CROSS_SIZE/CROSS_RANK, which only DeepSpeed's launcher sets: a row with save.* defaults them to one host.
+--save saves twice through pretrain.checkpoint.save (what training runs: DeepSpeed's files, the RNG files, sha256
+of every file, COMPLETE) and reports of the second `blocked s` (the save call: how long training stops), `write s`
+(until COMPLETE is on disk), `steps` (of the --steps steps trained after the save, those that ended while the
+write was in flight), `wait s` (how long the end of those steps waited for the write: training stops again there
+if the next save comes sooner than the write ends) and the checkpoint's bytes; `1st blk s` is the first save's
+blocked time (it also allocates the background writer's host buffers). Writers (`save.writer=`):
+- `blocking` (the default): DeepSpeed's torch.save engine, then the sha256 of every file, before training goes on;
+- `background`: pretrain/background_checkpoint.py: a host copy, then a thread writes, hashes and fsyncs;
+- `python` / `fast`: DeepSpeed's own writers (runtime/model_checkpointing/writer_factory.py; `fast` loads the aio
+  op: libaio, JIT-built), with `save.decoupled=true` its writer process, and `save.<key>` any other key of
+  DeepSpeed's `checkpoint.writer` (at ZeRO-1/2 DeepSpeed 0.19.8 needs `save.data_parallel=replica`: unset, it
+  raises AttributeError 'UniversalParallelInfo' has no 'dp_rank'). Its writer engine reads CROSS_SIZE/CROSS_RANK,
+  which only DeepSpeed's launcher sets: such a row defaults them to one host.
 """
 from __future__ import annotations
 
@@ -42,6 +51,8 @@ H200_PEAK_BF16 = 989.4e12
 LLAMA_13B = ["model.arch=llama", "model.n_layers=40", "model.n_heads=40", "model.d_model=5120", "model.d_ff=13824",
              "model.max_seq_len=4096", "model.n_kv_heads=null"]
 VOCAB = 32000
+LMFORGE_WRITERS = ("blocking", "background")
+"""train.checkpoint_writer values; any other save.writer is one of DeepSpeed's (`python`, `fast`)."""
 
 
 def parse_row(row: str) -> tuple[str, str, dict[str, str]]:
@@ -75,10 +86,12 @@ def row_configs(preset: str, json_name: str, settings: dict[str, str], world: in
         for part in path:
             section = section.setdefault(part, {})
         section[last] = _value(text)
-    if save:  # DeepSpeed's writer engine reads the variables its own launcher sets; one host under python/torchrun
+    save.setdefault("writer", "blocking")
+    if save["writer"] not in LMFORGE_WRITERS:  # DeepSpeed's writer engine reads the variables its own launcher sets
         for name, default in (("CROSS_SIZE", "1"), ("CROSS_RANK", os.environ.get("GROUP_RANK", "0")), ("LOCAL_RANK", "0")):
             os.environ.setdefault(name, default)
-        ds_config["checkpoint"] = {"writer": {"type": save.get("writer", "python"), "decoupled": bool(save.get("decoupled", False))}}
+        ds_config["checkpoint"] = {"writer": {"type": save["writer"], "decoupled": bool(save.get("decoupled", False)),
+                                              **{k: v for k, v in save.items() if k not in ("writer", "decoupled")}}}
     return config, ds_config, save
 
 
@@ -119,17 +132,46 @@ def run_row(row: str, args, info) -> dict:
               "config": {"model": asdict(config.model), "train": asdict(train), "ds_config": ds_config,
                          "world": info.world_size, "device": info.device.type}}
     if args.save:
-        folder = args.save_dir / f"{preset}-{json_name}"
-        shutil.rmtree(folder, ignore_errors=True)
-        started = time.perf_counter()
-        engine.save_checkpoint(str(folder), tag="bench")
-        result.update(save_seconds=time.perf_counter() - started, checkpoint_bytes=folder_bytes(folder),
-                      writer=json.dumps(ds_config.get("checkpoint", {}).get("writer", "torch.save")))
+        result.update(timed_save(engine, args.save_dir / f"{preset}-{json_name}-{save['writer']}", save["writer"], batches,
+                                 args.steps))
+        result["writer"] = json.dumps(ds_config.get("checkpoint", {}).get("writer", save["writer"]))
     del engine, model
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def timed_save(engine, run_dir: Path, writer: str, batches, max_steps: int) -> dict:
+    """Saves twice as training does (pretrain.checkpoint.save), then trains `max_steps` steps and waits for the write.
+
+    The second save is the one reported: the first also allocates (and on a GPU pins) the background
+    writer's host buffers, which later saves reuse; its blocked time is `first_save_seconds`.
+    """
+    from pretrain import checkpoint
+    from pretrain.engine import optimizer_step
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for step in (1, 2):
+        started = time.perf_counter()
+        tag = checkpoint.save(engine, run_dir, step, {"step": step}, keep_last=1,
+                              writer="background" if writer == "background" else "blocking")
+        blocked = time.perf_counter() - started
+        first = blocked if step == 1 else first
+        write = getattr(engine.checkpoint_engine, "in_flight", None)
+        steps = 0
+        for _ in range(max_steps):  # always max_steps: whether a write is done differs between ranks
+            optimizer_step(engine, batches)
+            steps += write is not None and not write.done()
+        waiting = time.perf_counter()
+        checkpoint.finish_pending_save(engine)
+        waited = time.perf_counter() - waiting if write is not None else 0.0
+        written = blocked + (write.write_seconds or 0.0 if write is not None else 0.0)
+    folder = checkpoint.checkpoints_dir(run_dir) / tag
+    return {"first_save_seconds": first, "save_seconds": blocked, "write_seconds": written, "steps_during_write": steps,
+            "wait_seconds": waited, "checkpoint_bytes": folder_bytes(folder),
+            "host_peak_after_save_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "checkpoint_files": {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}}
 
 
 def _gib(n) -> str:
@@ -138,15 +180,17 @@ def _gib(n) -> str:
 
 def print_table(rows: list[dict], device: str) -> None:
     print(f"max_model on {device}: MFU over {H200_PEAK_BF16 / 1e12:.1f} TFLOP/s dense bf16; peaks in GiB")
-    print(f"{'row':<48} {'params':>8} {'tok/step':>9} {'tok/s':>9} {'MFU':>6} {'GPU pk':>7} {'host pk':>8} {'B/param':>8} {'save s':>7} {'ckpt GiB':>8}")
+    print(f"{'row':<48} {'params':>8} {'tok/step':>9} {'tok/s':>9} {'MFU':>6} {'GPU pk':>7} {'host pk':>8} {'B/param':>8} {'1st blk s':>9} {'blocked s':>9} {'write s':>7} {'steps':>5} {'wait s':>6} {'ckpt GiB':>8}")
     for r in rows:
         if "error" in r:
             print(f"{r['row']:<48} failed: {r['error']}")
             continue
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        save = f"{r['save_seconds']:.1f}" if "save_seconds" in r else "-"
+        saved = "save_seconds" in r
+        save = (f"{r['first_save_seconds']:>9.2f} {r['save_seconds']:>9.2f} {r['write_seconds']:>7.2f} {r['steps_during_write']:>5} "
+                f"{r['wait_seconds']:>6.2f}" if saved else f"{'-':>9} {'-':>9} {'-':>7} {'-':>5} {'-':>6}")
         print(f"{r['row']:<48} {r['params'] / 1e9:>7.3f}B {r['tokens_per_step']:>9,} {r['tokens_per_second']:>9,.0f} {mfu:>6} "
-              f"{_gib(r['gpu_peak_bytes']):>7} {_gib(r['host_peak_bytes']):>8} {r['host_bytes_per_param']:>8.1f} {save:>7} "
+              f"{_gib(r['gpu_peak_bytes']):>7} {_gib(r['host_peak_bytes']):>8} {r['host_bytes_per_param']:>8.1f} {save} "
               f"{_gib(r.get('checkpoint_bytes')):>8}")
 
 
@@ -154,7 +198,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=["llama-7b:zero2_bf16", "llama-13b:zero3_offload"])
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--save", action="store_true", help="time engine.save_checkpoint after the steps (and its size)")
+    parser.add_argument("--save", action="store_true", help="time a checkpoint save after the steps: blocked, written, its size (save.writer= picks the writer)")
     parser.add_argument("--save-dir", type=Path, default=Path("runs/bench_max_model"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)

@@ -6,6 +6,8 @@ optimizer and scheduler states for any ZeRO stage) plus `rng_rank<r>.pt` per ran
 every file); RUN_DIR/checkpoints/latest names the newest complete tag, in DeepSpeed's format,
 replaced atomically only after every rank has finished writing. So a run killed at any moment
 leaves `latest` on a complete checkpoint, and older ones are pruned only after a newer one is.
+With train.checkpoint_writer background the same files are written by a thread from a host copy
+(pretrain/background_checkpoint.py) and the next save (or `finish_pending_save`) waits for them.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from lmforge.errors import LmforgeError
 from lmforge.files import write_atomic
 from lmforge.out_of_space import describe as describe_space, is_out_of_space
 from lmforge.run_layout import CHECKPOINTS_DIR, COMPLETE_MARKER, DAMAGED_MARKER, LATEST_FILE  # noqa: F401 (re-exported)
-from pretrain import faults
+from pretrain import background_checkpoint, faults
 
 RECORD_VERSION = 1
 TAG_PATTERN = re.compile(r"step_(\d+)")
@@ -161,24 +164,36 @@ def _describe_os_error(err: OSError) -> str:
 
 
 def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], keep_last: int,
-         record: dict[str, Any] | None = None) -> str:
+         record: dict[str, Any] | None = None, writer: str = "blocking") -> str:
     """Saves on every rank; returns the tag. `latest` moves only once all ranks are done.
 
     `record` adds keys to the COMPLETE record (the trainer puts the model config there). A failed
     write (disk full, read-only dir) removes the partial folder, keeps the previous checkpoint and
-    raises LmforgeError on every rank.
+    raises LmforgeError on every rank. `writer` is train.checkpoint_writer: "blocking" returns once
+    the checkpoint is complete; "background" once the state is copied to host memory
+    (pretrain/background_checkpoint.py), the files, COMPLETE and `latest` follow from a thread, and
+    the next save or `finish_pending_save` waits for them (and raises if they failed).
     """
+    background = writer == "background"
+    if background:
+        finish_pending_save(engine)
+        writer_engine = background_checkpoint.install(engine)
     root = checkpoints_dir(run_dir)
     tag = tag_for_step(step)
     folder = root / tag
     if distributed.is_main():
         _discard(folder)  # a partial or stale folder of this tag from an earlier, killed run
     distributed.barrier()
+    started = time.perf_counter()
     error = None
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), folder / f"rng_rank{distributed.rank()}.pt")
-        faults.during_save(step, str(folder))
+        rng_path = folder / f"rng_rank{distributed.rank()}.pt"
+        if background:
+            pending = writer_engine.take_pending() + [(rng_state(), rng_path, None)]
+        else:
+            torch.save(rng_state(), rng_path)
+            faults.during_save(step, str(folder))
     except OSError as err:
         error = _describe_os_error(err)
     except RuntimeError as err:  # torch.save on a full disk raises RuntimeError, not OSError
@@ -187,22 +202,32 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], keep_la
         error = f"rank {distributed.rank()}: {str(err).strip().splitlines()[-1][:200]}"
     errors = [e for e in _all_gather(error) if e]
     if errors:
+        if background:
+            writer_engine.take_pending()
         if distributed.is_main():
             _discard(folder)
         distributed.barrier()
         raise _save_failed(folder, errors[0], run_dir)
+    entry = {
+        "format_version": RECORD_VERSION, "tag": tag, "step": step, "world_size": distributed.world_size(),
+        "data_parallel_size": int(getattr(engine, "dp_world_size", distributed.world_size())),
+        "zero_stage": int(engine.zero_optimization_stage()), **(record or {}),
+    }
+    if background:
+        blocked = time.perf_counter() - started
+        main = distributed.is_main()
+        commit = (lambda files: _commit(run_dir, tag, {**entry, "writer": writer, "blocked_seconds": round(blocked, 3),
+                                                       "files": files}, keep_last)) if main else None
+        writer_engine.in_flight = background_checkpoint.BackgroundWrite(
+            folder, pending, distributed.rank(), distributed.world_size(), writer_engine.zipfile_serialization,
+            commit=commit, abort=(lambda: _discard(folder)) if main else None,
+            before_record=lambda where: faults.during_save(step, str(where)), blocked_seconds=blocked)
+        return tag
     files = _file_checksums(folder)
     status = None
     if distributed.is_main():
-        entry = {
-            "format_version": RECORD_VERSION, "tag": tag, "step": step, "world_size": distributed.world_size(),
-            "data_parallel_size": int(getattr(engine, "dp_world_size", distributed.world_size())),
-            "zero_stage": int(engine.zero_optimization_stage()), **(record or {}), "files": files,
-        }
         try:
-            write_atomic(folder / COMPLETE_MARKER, (json.dumps(entry, indent=1) + "\n").encode())
-            write_atomic(root / LATEST_FILE, tag.encode())
-            _prune(run_dir, keep_last, keep=tag)
+            _commit(run_dir, tag, {**entry, "files": files}, keep_last)
         except OSError as err:
             _discard(folder)
             status = _describe_os_error(err)
@@ -210,6 +235,45 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], keep_la
     if status:
         raise _save_failed(folder, status, run_dir)
     return tag
+
+
+def _commit(run_dir: Path, tag: str, entry: dict[str, Any], keep_last: int) -> None:
+    """Main rank: the COMPLETE record, then `latest`, then pruning (OSError propagates)."""
+    root = checkpoints_dir(run_dir)
+    write_atomic(root / tag / COMPLETE_MARKER, (json.dumps(entry, indent=1) + "\n").encode())
+    write_atomic(root / LATEST_FILE, tag.encode())
+    _prune(run_dir, keep_last, keep=tag)
+
+
+def finish_pending_save(engine) -> dict[str, float] | None:
+    """Every rank: waits for the background write of the last save (if any) to be complete.
+
+    Returns {"blocked_seconds", "write_seconds"} of that save (None if none was in flight); raises
+    LmforgeError on every rank if any rank's write failed (the partial folder is removed and the
+    previous checkpoint stays `latest`).
+    """
+    writer_engine = getattr(engine, "checkpoint_engine", None)
+    write = getattr(writer_engine, "in_flight", None)
+    if write is None:
+        return None
+    writer_engine.in_flight = None
+    errors = [e for e in _all_gather(write.wait_own_files()) if e]
+    if errors:
+        write.give_up()  # the main rank stops waiting for records the failed ranks may never write
+    status = distributed.broadcast_object(write.wait())
+    if errors or status:
+        distributed.barrier()
+        raise _save_failed(write.folder, errors[0] if errors else status, write.folder.parent.parent)  # RUN_DIR/checkpoints/<tag>
+    return {"blocked_seconds": write.blocked_seconds, "write_seconds": write.write_seconds or 0.0}
+
+
+def settle_pending_save(engine, timeout: float = 600.0) -> None:
+    """This rank alone (no collective: for a run stopping on an error): lets the write in flight end,
+    so the last save before the error completes if every rank gets here; a failed one stays incomplete."""
+    write = getattr(getattr(engine, "checkpoint_engine", None), "in_flight", None)
+    if write is not None:
+        engine.checkpoint_engine.in_flight = None
+        write.wait(timeout)
 
 
 def _prune(run_dir: Path, keep_last: int, keep: str) -> None:

@@ -1,7 +1,8 @@
 """Will the run's checkpoints fit on the disk of run.dir?
 
-A DeepSpeed checkpoint holds the weights and the AdamW states: about 16 bytes per parameter
-(fp32 master weights, two fp32 moments, and the module's own copy), whatever the ZeRO stage.
+A DeepSpeed checkpoint holds the weights and the AdamW states: at most about 16 bytes per parameter
+(ZeRO-1/2 with fp32 weights: the module's own fp32 copy, the fp32 master partition and two fp32
+moments; ZeRO-0 and ZeRO-3 write 12, docs/performance.md): the estimate takes the largest.
 At most `keep_last + 1` are on disk at once: a new one is complete before the oldest goes.
 """
 from __future__ import annotations

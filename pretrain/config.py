@@ -89,6 +89,8 @@ class TrainConfig:
     """Steps between checkpoints; 0 saves only at the end."""
     keep_last: int = 3
     """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    checkpoint_writer: Literal["auto", "background", "blocking"] = "auto"
+    """How a save writes: "background" stops training only to copy the state to host memory (as much host memory as this rank's share of a checkpoint, kept for the next save) and writes the files from a thread; "blocking" writes them before training goes on; "auto" is background unless ZeRO offloads to the host or the DeepSpeed JSON sets checkpoint.writer (docs/performance.md)."""
     eval_interval: int = 0
     """Steps between evaluations on the valid split; 0 evaluates only at the end."""
     eval_batches: int = 4

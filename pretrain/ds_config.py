@@ -191,6 +191,29 @@ def activation_checkpoint_every(ds_config: dict[str, Any], n_layers: int) -> int
     return max(1, -(-n_layers // int(count)))
 
 
+def offloads_to_host(ds_config: dict[str, Any]) -> bool:
+    """True when ZeRO offloads the optimizer states or the parameters (to the CPU or NVMe)."""
+    zero = ds_config.get("zero_optimization") or {}
+    return any((zero.get(key) or {}).get("device", "none") not in ("none", None) for key in ("offload_optimizer", "offload_param"))
+
+
+def checkpoint_writer_of(choice: str, ds_config: dict[str, Any]) -> str:
+    """train.checkpoint_writer resolved: "auto" is "background" unless an offload holds the states on
+    the host already (a host copy of them would double the host memory that limits such runs) or
+    the JSON picks DeepSpeed's own writer (`checkpoint.writer`)."""
+    if choice != "auto":
+        return choice
+    ds_writer = (ds_config.get("checkpoint") or {}).get("writer")
+    return "blocking" if offloads_to_host(ds_config) or ds_writer else "background"
+
+
+def checkpoint_writer_problems(choice: str, ds_config: dict[str, Any], source: Path) -> list[str]:
+    if choice == "background" and (ds_config.get("checkpoint") or {}).get("writer"):
+        return [f"train.checkpoint_writer = background: {source} sets checkpoint.writer (DeepSpeed's own writer), which "
+                "the background writer would replace; remove one of them (or set train.checkpoint_writer to auto)"]
+    return []
+
+
 def guards_on_device(ds_config: dict[str, Any]) -> bool:
     """True when pretrain.guarded_step guards a step on the device, with no host synchronisation:
     torch's fused Adam/AdamW (`"torch_adam": true, "fused": true`), bf16 autocast or fp32 (no loss
@@ -199,8 +222,7 @@ def guards_on_device(ds_config: dict[str, Any]) -> bool:
     params = optimizer.get("params") or {}
     if str(optimizer.get("type", "")).lower() not in ("adam", "adamw") or not (params.get("torch_adam") and params.get("fused")):
         return False
-    zero = ds_config.get("zero_optimization") or {}
-    offloaded = any((zero.get(key) or {}).get("device", "none") not in ("none", None) for key in ("offload_optimizer", "offload_param"))
+    offloaded = offloads_to_host(ds_config)
     precision = precision_of(ds_config)
     loss_scaled = precision == "fp16" or (precision.startswith("autocast-") and precision != "autocast-bf16")
     pipelined = int((ds_config.get("pipeline") or {}).get("stages", 1) or 1) > 1

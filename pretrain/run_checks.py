@@ -103,7 +103,8 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
     from parallel.degrees import degree_problems
     from parallel.sequence import sequence_parallel_problems
     from parallel.tensor import tensor_parallel_json_problems, with_tensor_parallel
-    from pretrain.ds_config import build_deepspeed_config, for_one_zero_rank, read_deepspeed_json, zero_stage_of
+    from pretrain.ds_config import (build_deepspeed_config, checkpoint_writer_problems, for_one_zero_rank, read_deepspeed_json,
+                                    zero_stage_of)
     from pretrain.ds_json_checks import deepspeed_json_problems, precision_problems
     from pretrain.pipeline import configure_pipeline, data_parallel_size
 
@@ -117,6 +118,7 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     problems += precision_problems(raw, path, gpu, bf16_supported())
     problems += tensor_parallel_json_problems(raw, config.parallel.tensor, str(path))
+    problems += checkpoint_writer_problems(config.train.checkpoint_writer, raw, path)
     if not problems:  # the stage is read from a JSON that passed its checks
         if world_size is not None:
             problems += degree_problems(config.parallel, world_size, config.model, config.train.seq_len, zero_stage_of(raw))

@@ -23,7 +23,7 @@ from lmforge.run_layout import config_path
 from parallel.experts import apply_expert_parallel
 from pretrain import checkpoint, console, faults, resume, run_checks
 from pretrain.config import PretrainConfig, load_pretrain_config
-from pretrain.ds_config import guards_on_device, precision_of, with_universal_loading, zero_stage_of
+from pretrain.ds_config import checkpoint_writer_of, guards_on_device, precision_of, with_universal_loading, zero_stage_of
 from pretrain.guarded_step import GuardedStep, PendingStep
 from pretrain.metrics import MetricsWriter, memory_gb, model_flops_utilisation, router_load_metrics
 from pretrain.model import load_balancing_loss
@@ -152,7 +152,8 @@ class Trainer:
     def save(self) -> str:
         client_state = {"step": self.step, "seed": self.config.train.seed, "world_size": self.info.world_size}
         tag = checkpoint.save(self.engine, self.config.run.dir, self.step, client_state, self.config.train.keep_last,
-                              resume.record_for(self.config, self.global_batch))
+                              resume.record_for(self.config, self.global_batch),
+                              checkpoint_writer_of(self.config.train.checkpoint_writer, self.ds_config))
         self.saved_step = self.step
         return tag
 
@@ -220,7 +221,9 @@ class Trainer:
                     self.stopped_by = (signals.received if signals else None) or "a signal to another rank"
                     break
                 faults.after_step(step)
+            checkpoint.finish_pending_save(self.engine)  # the last save's files, COMPLETE and latest are on disk
         finally:
+            checkpoint.settle_pending_save(self.engine)  # stopped by an error: the save before it still completes
             if self.batches is not None:
                 self.batches.close()
                 self.batches = None

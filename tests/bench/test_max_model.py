@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_rows_print_one_table_with_params_tokens_host_peak_and_the_timed_save(tmp_path):
     out = tmp_path / "rows.json"
-    rows = ["tiny:zero3_offload:train.micro_batch_size=2+train.seq_len=32+save.writer=python", "tiny:zero1:train.seq_len=32"]
+    rows = ["tiny:zero3_offload:train.micro_batch_size=2+train.seq_len=32+save.writer=python",
+            "tiny:zero1:train.seq_len=32+save.writer=background"]
     result = subprocess.run(
         [sys.executable, "-m", "bench.max_model", "--rows", *rows, "--steps", "1", "--save", "--save-dir", str(tmp_path / "ckpt"),
          "--json", str(out)],
@@ -27,9 +28,16 @@ def test_rows_print_one_table_with_params_tokens_host_peak_and_the_timed_save(tm
     first, second = data
     assert first["params"] == second["params"] > 4_000_000  # zero.Init's ds_numel counts the whole model
     assert first["tokens_per_step"] == 2 * 32 and second["tokens_per_step"] == 8 * 32  # tiny's micro-batch 8
-    assert first["writer"] == json.dumps({"type": "python", "decoupled": False}) and second["writer"] == '"torch.save"'
+    assert first["writer"] == json.dumps({"type": "python", "decoupled": False}) and second["writer"] == '"background"'
     assert all(r["checkpoint_bytes"] > 12 * r["params"] and r["host_peak_bytes"] > 0 and r["mfu"] is None for r in data)
-    assert (tmp_path / "ckpt" / "tiny-zero3_offload" / "latest").read_text() == "bench"
+    assert first["steps_during_write"] == first["wait_seconds"] == 0 and 0 <= second["steps_during_write"] <= 1  # blocking returns complete
+    assert all(r["write_seconds"] >= r["save_seconds"] > 0 and r["first_save_seconds"] > 0 for r in data)
+    # ZeRO-1 under torch_autocast saves the fp32 weights twice: the module's (4 B/param) and the master partition's
+    files = second["checkpoint_files"]
+    assert files["mp_rank_00_model_states.pt"] > 4 * second["params"] and files["zero_pp_rank_0_mp_rank_00_optim_states.pt"] > 12 * second["params"]
+    for name in ("tiny-zero3_offload-python", "tiny-zero1-background"):
+        assert (tmp_path / "ckpt" / name / "checkpoints" / "latest").read_text() == "step_00000002"
+        assert (tmp_path / "ckpt" / name / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
     compare = subprocess.run([sys.executable, "-m", "launch.memory_compare", str(out)], cwd=REPO, capture_output=True,
                              text=True, timeout=300)
     assert compare.returncode == 0, compare.stderr[-3000:]

@@ -26,7 +26,7 @@ def test_a_zero1_checkpoint_folder_is_as_documented(shards, tmp_path):
     record = json.loads((folder / "COMPLETE").read_text())
     assert set(record) == {"format_version", "tag", "step", "world_size", "data_parallel_size", "zero_stage", "model",
                            "global_batch", "seed", "pipeline_stages", "tensor_parallel", "expert_parallel", "decay_embeddings",
-                           "tokenizer_fingerprint", "data", "files"}
+                           "tokenizer_fingerprint", "data", "files", "writer", "blocked_seconds"}
     manifest = json.loads((shards / "manifest.json").read_text())
     assert record["tokenizer_fingerprint"] == manifest["tokenizer"]["fingerprint"]
     assert record["data"]["content"] == [manifest["corpus"]["sha256"]] and record["data"]["weights"] is None
@@ -34,6 +34,7 @@ def test_a_zero1_checkpoint_folder_is_as_documented(shards, tmp_path):
     assert (record["world_size"], record["data_parallel_size"], record["zero_stage"]) == (1, 1, 1)
     assert (record["global_batch"], record["seed"], record["pipeline_stages"], record["decay_embeddings"]) == (2, 1234, 1, False)
     assert record["tensor_parallel"] == 1
+    assert record["writer"] == "background" and record["blocked_seconds"] >= 0  # train.checkpoint_writer auto, no offload
     assert record["expert_parallel"] == 1
     assert (record["model"]["n_layers"], record["model"]["d_model"], record["model"]["vocab_size"]) == (2, 32, 512)
     assert sorted(record["files"]) == [n for n in names if n != "COMPLETE"]
