@@ -152,6 +152,7 @@ def timed_save(engine, run_dir: Path, writer: str, batches, max_steps: int) -> d
     from pretrain.engine import optimizer_step
 
     shutil.rmtree(run_dir, ignore_errors=True)
+    first = 0.0
     for step in (1, 2):
         started = time.perf_counter()
         tag = checkpoint.save(engine, run_dir, step, {"step": step}, keep_last=1,
