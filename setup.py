@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="A DeepSpeed pipeline from raw text to a trained, aligned, exported language model.",
     python_requires=">=3.10",
-    packages=find_packages(include=["lmforge*", "data_prep*", "parallel*", "pretrain*", "posttrain*", "run_tools*", "launch*", "bench*"]),
+    packages=find_packages(include=["lmforge*", "data_prep*", "parallel*", "numerics*", "pretrain*", "posttrain*", "run_tools*", "launch*", "bench*"]),
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",
@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
-        "fp8": ["torchao>=0.17"],  # train.float8 (pretrain/float8.py)
+        "fp8": ["torchao>=0.17"],  # train.float8 (numerics/float8.py)
         "test": ["pytest>=8", "hypothesis>=6", "import-linter>=2.1"],
         # lm-evaluation-harness on an exported model (docs/interop.md); the tests use it too.
         "eval": ["lm-eval[hf]>=0.4.13"],

@@ -172,7 +172,7 @@ def _model_states(n: int, world: int, ds_config: dict[str, Any]) -> list[MemoryI
 
 
 def _adamw8bit_states(n: int) -> list[MemoryItem]:
-    """train.optimizer = adamw8bit (pretrain/adamw8bit.py, ZeRO-0): bf16 weights and gradients, both Adam
+    """train.optimizer = adamw8bit (numerics/adamw8bit.py, ZeRO-0): bf16 weights and gradients, both Adam
     moments in 8 bits with one fp32 scale per 256 values; no fp32 master."""
     knob = "train.optimizer = adamw8bit (bf16 weights, 8-bit moments)"
     return [MemoryItem("bf16 weights", "gpu", 2 * n, knob), MemoryItem("bf16 gradients", "gpu", 2 * n, knob),
@@ -267,6 +267,8 @@ def estimate_memory(model: ModelConfig, train: TrainConfig, ds_config: dict[str,
         host.append(MemoryItem("CUDA runtime and libraries", "host", HOST_CUDA_RUNTIME_BYTES))
     host.append(MemoryItem("process baseline (torch + deepspeed)", "host", HOST_BASELINE_BYTES))
     host.append(MemoryItem("DeepSpeed engine, CPU-Adam extension, allocator", "host", HOST_ENGINE_BYTES))
+    if train.optimizer == "adamw8bit" and device == "cuda":
+        zero_init = True  # pretrain.train builds it on the GPU (4 N there for a moment, less than what follows)
     if not zero_init:
         host.append(MemoryItem("full fp32 model built on the host before the engine", "host", 4 * n,
                                "zero_optimization.stage = 3 (built under deepspeed.zero.Init)"))

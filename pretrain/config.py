@@ -104,10 +104,10 @@ class TrainConfig:
     "reduce-overhead" replays the model's kernels as CUDA graphs (docs/performance.md has both measured)."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """adamw: DeepSpeed's AdamW from the JSON (fp32 weights and moments, 16 bytes per parameter); adamw8bit: bf16
-    weights and torchao's 8-bit AdamW with stochastic rounding (6 bytes; pretrain/adamw8bit.py), with
+    weights and torchao's 8-bit AdamW with stochastic rounding (6 bytes; numerics/adamw8bit.py), with
     ds_configs/zero0_adamw8bit.json: for models whose fp32 states do not fit (llama-13b on one H200)."""
     float8: Literal["off", "tensorwise", "rowwise"] = "off"
-    """FP8 matmuls in the blocks' linear layers (torchao float8 training, pretrain/float8.py; a GPU of
+    """FP8 matmuls in the blocks' linear layers (torchao float8 training, numerics/float8.py; a GPU of
     compute capability >= 8.9 and torchao): a scale per tensor, or per row (more accurate, slower)."""
     max_bad_steps: int = 5
     """Consecutive optimizer steps with a non-finite loss or gradient (each skipped) that stop training."""

@@ -110,7 +110,7 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     so DeepSpeed's clipping is off.
     `mpu`: the process groups of parallelism applied to the model (parallel/sequence.py's UlyssesGroups).
     `optimizer` "adamw8bit" (train.optimizer): the weights become bf16 and torchao's 8-bit AdamW is DeepSpeed's
-    client optimizer, with the lr, betas, eps and decay the JSON's optimizer section was filled with (pretrain/adamw8bit.py).
+    client optimizer, with the lr, betas, eps and decay the JSON's optimizer section was filled with (numerics/adamw8bit.py).
     """
     if pipeline_stages_of(ds_config) > 1:
         return _build_pipeline_engine(model, ds_config, weight_decay, compile_model, decay_embeddings)
@@ -127,7 +127,7 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
     groups = parameter_groups(model, weight_decay, decay_embeddings)
     client = {}
     if optimizer == "adamw8bit":
-        from pretrain.adamw8bit import build_adamw8bit
+        from numerics.adamw8bit import build_adamw8bit
 
         adam = ds_config["optimizer"]["params"]
         client["optimizer"] = build_adamw8bit(groups, adam["lr"], tuple(adam["betas"]), adam["eps"], seed=int(torch.initial_seed()))

@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-from pretrain.document_attention import document_mask, document_positions, flex_document_attention
-from pretrain.linear_cross_entropy import linear_cross_entropy
+from numerics.document_attention import document_mask, document_positions, flex_document_attention
+from numerics.linear_cross_entropy import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class ModelConfig:
     document_attention: Literal["auto", "flex", "sdpa"] = "auto"
     """Kernel for packed documents (segment_ids): flex (FlexAttention, blocks across documents skipped), sdpa (a dense T x T mask); auto: flex on CUDA without dropout, else sdpa."""
     loss_chunk_tokens: int = 0
-    """Tokens per chunk of the LM head + cross-entropy in training (pretrain/linear_cross_entropy.py): logits of one
+    """Tokens per chunk of the LM head + cross-entropy in training (numerics/linear_cross_entropy.py): logits of one
     chunk at a time, never of the whole batch; 0: the plain head (docs/performance.md has both measured)."""
 
     @property
@@ -183,7 +183,7 @@ class AttentionCore(nn.Module):
     """
 
     def forward(self, q, k, v, mask: torch.Tensor | BlockMask | None, is_causal: bool, dropout_p: float) -> torch.Tensor:
-        if isinstance(mask, BlockMask):  # packed documents on FlexAttention (pretrain/document_attention.py)
+        if isinstance(mask, BlockMask):  # packed documents on FlexAttention (numerics/document_attention.py)
             return flex_document_attention(q, k, v, mask)
         if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head across a group
             repeat = q.shape[1] // k.shape[1]

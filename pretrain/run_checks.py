@@ -23,8 +23,8 @@ import torch
 
 from lmforge.errors import LmforgeError
 from pretrain.config import DataConfig, PretrainConfig, TrainConfig, resolve_repo_path
-from pretrain.adamw8bit import adamw8bit_problems
-from pretrain.float8 import float8_problems
+from numerics.adamw8bit import adamw8bit_problems
+from numerics.float8 import float8_problems
 from pretrain.model import ModelConfig, Transformer
 
 

@@ -8,6 +8,8 @@ SIGUSR1 saves one at the next step boundary and exits 0 (docs/reliability.md).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import argparse
 import time
 from dataclasses import dataclass
@@ -75,7 +77,10 @@ class Trainer:
         if self.resume_point is not None and self.resume_point.load_dir is not None:
             ds_config = with_universal_loading(ds_config)
         torch.manual_seed(train.seed)
-        self.model = build_model(self.config.model, ds_config)
+        # adamw8bit (bf16 weights, for models too large for fp32 states): built on the GPU, where its random
+        # numbers are drawn in seconds and no fp32 copy of the model passes through host memory.
+        with torch.device(info.device) if train.optimizer == "adamw8bit" and info.device.type == "cuda" else nullcontext():
+            self.model = build_model(self.config.model, ds_config)
         mpu = None
         if self.config.parallel.sequence > 1:
             from parallel.sequence import apply_sequence_parallel
@@ -84,7 +89,7 @@ class Trainer:
         if self.config.parallel.expert > 1:  # experts sharded by DeepSpeed's MoE layers (parallel/experts.py)
             apply_expert_parallel(self.model.blocks, self.config.parallel.expert, load_balancing_loss)
         if train.float8 != "off":
-            from pretrain.float8 import convert_to_float8
+            from numerics.float8 import convert_to_float8
 
             convert_to_float8(self.model, train.float8)
         on_device = guards_on_device(ds_config)

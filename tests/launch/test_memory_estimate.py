@@ -149,7 +149,7 @@ def test_zero0_under_torch_autocast_steps_the_fp32_weights_themselves_and_matche
 
 
 def test_adamw8bit_holds_13b_on_one_h200_in_6_bytes_per_parameter_with_no_master():
-    # train.optimizer = adamw8bit (pretrain/adamw8bit.py): bf16 weights 2 + bf16 gradients 2 + 8-bit m, v 2 bytes,
+    # train.optimizer = adamw8bit (numerics/adamw8bit.py): bf16 weights 2 + bf16 gradients 2 + 8-bit m, v 2 bytes,
     # plus one fp32 scale per 256 moment values; nothing offloaded, no fp32 copy on the device.
     train = TrainConfig(micro_batch_size=2, grad_accum_steps=16, seq_len=2048, optimizer="adamw8bit")
     estimate = estimate_memory(LLAMA_13B, train, {"zero_optimization": {"stage": 0}}, world=1)

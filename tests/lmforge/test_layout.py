@@ -8,7 +8,7 @@ from pathlib import Path
 from lmforge.cli import VERBS
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("lmforge", "data_prep", "parallel", "pretrain", "posttrain", "run_tools", "launch", "bench")
+PACKAGES = ("lmforge", "data_prep", "parallel", "numerics", "pretrain", "posttrain", "run_tools", "launch", "bench")
 
 
 def layout_rows() -> dict[str, str]:

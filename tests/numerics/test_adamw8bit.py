@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from pretrain.adamw8bit import adamw8bit_problems, build_adamw8bit
+from numerics.adamw8bit import adamw8bit_problems, build_adamw8bit
 from tests.pretrain.training_runs import run_training, start_training, step_losses
 
 pytest.importorskip("torchao.optim")

@@ -1,10 +1,10 @@
-"""train.float8: torchao's float8 matmuls in the blocks' linear layers (pretrain/float8.py)."""
+"""train.float8: torchao's float8 matmuls in the blocks' linear layers (numerics/float8.py)."""
 import sys
 
 import pytest
 import torch
 
-from pretrain.float8 import convert_to_float8, float8_problems
+from numerics.float8 import convert_to_float8, float8_problems
 from pretrain.model import ModelConfig, Transformer
 from tests.pretrain.training_runs import run_training
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.attention.flex_attention as flex_module
 
-from pretrain.document_attention import dense_document_mask, document_block_mask, document_mask, uses_flex
+from numerics.document_attention import dense_document_mask, document_block_mask, document_mask, uses_flex
 from pretrain.model import ModelConfig, Transformer, token_cross_entropy
 from pretrain.rank_batches import document_segment_ids
 from tests.pretrain.test_document_masking import EOD, packed_rows

@@ -1,4 +1,4 @@
-"""model.loss_chunk_tokens: the LM head + cross-entropy in chunks (pretrain/linear_cross_entropy.py)."""
+"""model.loss_chunk_tokens: the LM head + cross-entropy in chunks (numerics/linear_cross_entropy.py)."""
 from dataclasses import replace
 
 import pytest
