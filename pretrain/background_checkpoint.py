@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine, CheckpointCommitInfo
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from lmforge.files import write_atomic
 
@@ -98,7 +99,8 @@ class BackgroundCheckpointEngine(CheckpointEngine):
         self.pending.append((self.snapshot(state_dict, name), Path(path), None))
 
     def load(self, path: str, map_location=None):
-        return torch.load(path, map_location=map_location, weights_only=False)
+        # DeepSpeed's own reader of its files (they hold more than tensors): the same as without this engine
+        return TorchCheckpointEngine.load(self, path, map_location=map_location)
 
     def commit(self, info: CheckpointCommitInfo) -> bool:
         return True  # the COMPLETE record is lmforge's commit, written by the main rank's BackgroundWrite

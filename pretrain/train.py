@@ -163,6 +163,7 @@ class Trainer:
         return tag
 
     def _resume_hint(self) -> str:
+        checkpoint.settle_pending_save(self.engine)  # a write in flight is the checkpoint the rerun will resume from
         tags = checkpoint.complete_tags(self.config.run.dir)
         where = f"from {checkpoint.checkpoints_dir(self.config.run.dir) / tags[-1]}" if tags else "from the start"
         return f"lower train.lr or check the data, then rerun the same command to resume {where}"
