@@ -214,6 +214,22 @@ def checkpoint_writer_problems(choice: str, ds_config: dict[str, Any], source: P
     return []
 
 
+def optimizer_json_problems(optimizer: str, ds_config: dict[str, Any], source: Path, pipeline_stages: int) -> list[str]:
+    """train.optimizer = adamw8bit (numerics/adamw8bit.py) steps bf16 weights itself at ZeRO-0: one line
+    when DeepSpeed's JSON asks for another stage, mixed precision (even "auto"), an offload or pipeline stages."""
+    if optimizer != "adamw8bit":
+        return []
+    stage = zero_stage_of(ds_config)
+    wrong = [f"zero_optimization.stage = {stage}"] if stage else []
+    wrong += [f"{key}.enabled" for key in ("bf16", "fp16", "torch_autocast") if (ds_config.get(key) or {}).get("enabled") not in (None, False)]
+    wrong += ["an offload"] if offloads_to_host(ds_config) else []
+    wrong += ["pipeline stages (parallel.pipeline_stages)"] if pipeline_stages > 1 else []
+    if not wrong:
+        return []
+    return [f"train.optimizer = 'adamw8bit' runs at ZeRO-0 on bf16 weights, without mixed precision or offload, "
+            f"but {source} has {', '.join(wrong)}; use ds_configs/zero0_adamw8bit.json"]
+
+
 def guards_on_device(ds_config: dict[str, Any]) -> bool:
     """True when pretrain.guarded_step guards a step on the device, with no host synchronisation:
     torch's fused Adam/AdamW (`"torch_adam": true, "fused": true`), bf16 autocast or fp32 (no loss
@@ -255,7 +271,7 @@ def for_one_zero_rank(ds_config: dict[str, Any], zero_ranks: int) -> tuple[dict[
     the JSON itself and None. The arithmetic is the same; a checkpoint is ZeRO-1's, which a ZeRO-2
     run on other ranks loads through the universal checkpoint (pretrain.universal_checkpoint)."""
     zero = ds_config.get("zero_optimization") or {}
-    offloaded = any((zero.get(key) or {}).get("device", "none") not in ("none", None) for key in ("offload_optimizer", "offload_param"))
+    offloaded = offloads_to_host(ds_config)
     stage = zero_stage_of(ds_config)
     changed = {key: value for key, value in ONE_RANK_ZERO_SETTINGS.items() if zero.get(key, _DEEPSPEED_DEFAULTS_AT_ZERO_1_2[key]) != value}
     if zero_ranks != 1 or stage not in (1, 2) or offloaded or not (changed or stage == 2):

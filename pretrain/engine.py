@@ -14,7 +14,7 @@ import torch
 
 from parallel.tensor import tensor_parallel_groups
 from pretrain.activation_checkpointing import apply_activation_checkpointing
-from pretrain.ds_config import guards_on_device, zero_stage_of
+from pretrain.ds_config import guards_on_device, offloads_to_host, zero_stage_of
 from pretrain.model import ModelConfig, Transformer
 from pretrain.pipeline import build_pipeline_module, pipeline_stages_of
 
@@ -51,9 +51,7 @@ def build_model(config: ModelConfig, ds_config: dict[str, Any]) -> Transformer:
     Not yet at ZeRO-3 without offload: trained from a zero.Init build, the CPU parity run (tests/pretrain/
     test_loss_parity.py) drifts 1.6e-4 from the reference over 50 steps with equal initial weights (cause open).
     """
-    zero = ds_config.get("zero_optimization") or {}
-    offloaded = any((zero.get(key) or {}).get("device", "none") not in ("none", None) for key in ("offload_optimizer", "offload_param"))
-    if zero_stage_of(ds_config) != 3 or not offloaded or pipeline_stages_of(ds_config) > 1:
+    if zero_stage_of(ds_config) != 3 or not offloads_to_host(ds_config) or pipeline_stages_of(ds_config) > 1:
         return Transformer(config)
     rng = torch.get_rng_state()
     with deepspeed.zero.Init(config_dict_or_path=ds_config):

@@ -103,8 +103,8 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
     from parallel.degrees import degree_problems
     from parallel.sequence import sequence_parallel_problems
     from parallel.tensor import tensor_parallel_json_problems, with_tensor_parallel
-    from pretrain.ds_config import (build_deepspeed_config, checkpoint_writer_problems, for_one_zero_rank, read_deepspeed_json,
-                                    zero_stage_of)
+    from pretrain.ds_config import (build_deepspeed_config, checkpoint_writer_problems, for_one_zero_rank,
+                                    optimizer_json_problems, read_deepspeed_json, zero_stage_of)
     from pretrain.ds_json_checks import deepspeed_json_problems, precision_problems
     from pretrain.pipeline import configure_pipeline, data_parallel_size
 
@@ -119,6 +119,7 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
     problems += precision_problems(raw, path, gpu, bf16_supported())
     problems += tensor_parallel_json_problems(raw, config.parallel.tensor, str(path))
     problems += checkpoint_writer_problems(config.train.checkpoint_writer, raw, path)
+    problems += optimizer_json_problems(config.train.optimizer, raw, path, config.parallel.pipeline_stages)
     if not problems:  # the stage is read from a JSON that passed its checks
         if world_size is not None:
             problems += degree_problems(config.parallel, world_size, config.model, config.train.seq_len, zero_stage_of(raw))
@@ -238,14 +239,7 @@ def check_launch(config: PretrainConfig, world_size: int | None, verify_checksum
         found.vocab = vocab
         config = found.config = replace(config, model=config.model.with_vocab(vocab))
     _deepspeed(config, world_size, found)
-    found.problems += float8_problems(config.train.float8, torch.device("cuda") if torch.cuda.is_available() else None)
-    found.problems += adamw8bit_problems(config.train.optimizer, found.ds_config, str(config.deepspeed.config))
-    if config.model.loss_chunk_tokens and found.ds_config is not None:
-        from pretrain.ds_config import zero_stage_of
-
-        if zero_stage_of(found.ds_config) == 3 or config.parallel.pipeline_stages > 1:
-            found.problems.append(f"model.loss_chunk_tokens = {config.model.loss_chunk_tokens}: the chunked head runs at ZeRO 0-2 "
-                                  "without pipeline stages (ZeRO-3 partitions the head's weight); set it to 0")
+    found.problems += _numerics_problems(config, found.ds_config)
     if vocab is not None:
         _datasets(config, found)
     problem = run_dir_problem(config.run.dir) or _ownership_problem(config)
@@ -256,6 +250,19 @@ def check_launch(config: PretrainConfig, world_size: int | None, verify_checksum
         found.checkpoint_space, problem = disk_space_problem(config.run.dir, found.params, config.train)
         if problem:
             found.problems.append(problem)
+    return found
+
+
+def _numerics_problems(config: PretrainConfig, ds_config: dict[str, Any] | None) -> list[str]:
+    """What the numerics/ options (train.float8, train.optimizer, model.loss_chunk_tokens) need of this machine and run."""
+    from pretrain.ds_config import zero_stage_of
+
+    found = float8_problems(config.train.float8, torch.device("cuda") if torch.cuda.is_available() else None)
+    found += adamw8bit_problems(config.train.optimizer)
+    chunk = config.model.loss_chunk_tokens
+    if chunk and ds_config is not None and (zero_stage_of(ds_config) == 3 or config.parallel.pipeline_stages > 1):
+        found.append(f"model.loss_chunk_tokens = {chunk}: the chunked head runs at ZeRO 0-2 without pipeline stages "
+                     "(ZeRO-3 partitions the head's weight); set it to 0")
     return found
 
 

@@ -8,10 +8,9 @@ SIGUSR1 saves one at the next step boundary and exits 0 (docs/reliability.md).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import argparse
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Sequence
 
