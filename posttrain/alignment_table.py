@@ -168,7 +168,11 @@ def commit() -> str | None:
 
 
 def check_same_settings(out: Path, settings: TableSettings) -> None:
-    """OUT's runs are reused, so they must have been made with these settings: OUT/settings.json records them."""
+    """OUT's runs are reused, so they must have been made with these settings: OUT/settings.json records them.
+    OUT is new, empty or this command's own (lmforge.ownership), judged before anything is written."""
+    from lmforge import ownership
+
+    ownership.check_output(out, "alignment-table", "alignment_table", "--out")
     path = out / SETTINGS_FILE
     wanted = asdict(settings)
     if path.is_file():
@@ -177,7 +181,7 @@ def check_same_settings(out: Path, settings: TableSettings) -> None:
             raise LmforgeError(f"{path}: the runs in {out} were made with other settings ({', '.join(changed)}); "
                                "use another --out, or delete it to start over")
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        ownership.claim(out, "alignment-table", "alignment_table")
         write_atomic(path, json.dumps(wanted, indent=2))
 
 

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from lmforge.run_layout import OWNER_FILE
 from tests.posttrain.runs import REPO, env
 
 REDUCED = ["--pretrain-steps", "100", "--sft-steps", "50", "--iterations", "15", "--train-prompts", "256",
@@ -61,4 +62,20 @@ def test_a_rerun_with_other_settings_into_the_same_out_is_refused(tmp_path, caps
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {tmp_path / SETTINGS_FILE}: the runs in {tmp_path} were made with other settings "
         f"(--iterations {TableSettings().iterations} -> 7); use another --out, or delete it to start over")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [SETTINGS_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([OWNER_FILE, SETTINGS_FILE])
+
+
+def test_an_out_holding_someone_elses_files_is_refused_and_left_as_it_was(tmp_path, capsys):
+    from lmforge.errors import run_cli
+    from posttrain.alignment_table import main
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "data").mkdir()
+    (out / "data" / "eval_prompts.jsonl").write_text('{"prompt": "mine"}\n')
+    assert run_cli(main, ["--out", str(out)]) == 2
+    (line,) = [l for l in capsys.readouterr().err.strip().splitlines() if l.startswith("error:")]
+    assert line.startswith(f"error: --out {out}: exists and is not empty, with files lmforge did not write")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["data", "data/eval_prompts.jsonl", "notes.txt"]
+    assert (out / "data" / "eval_prompts.jsonl").read_text() == '{"prompt": "mine"}\n'
