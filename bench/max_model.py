@@ -36,6 +36,7 @@ import resource
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -108,9 +109,11 @@ def run_row(row: str, args, info) -> dict:
     train = config.train
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model = build_model(config.model, ds_config)
+    # train.optimizer=adamw8bit (bf16 weights) is built on the GPU, as pretrain.train.Trainer builds it
+    with torch.device(info.device) if train.optimizer == "adamw8bit" and cuda else nullcontext():
+        model = build_model(config.model, ds_config)
     params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    engine = build_engine(model, ds_config, train.weight_decay, compile_model=False)
+    engine = build_engine(model, ds_config, train.weight_decay, compile_model=False, optimizer=train.optimizer)
     tokens = torch.randint(0, VOCAB, (train.micro_batch_size, train.seq_len + 1), device=info.device)
     batches = [(tokens[:, :-1], tokens[:, 1:])] * train.grad_accum_steps
     optimizer_step(engine, batches)  # warm-up: CPU-Adam's first step, buffers
@@ -133,7 +136,7 @@ def run_row(row: str, args, info) -> dict:
                          "world": info.world_size, "device": info.device.type}}
     if args.save:
         result.update(timed_save(engine, args.save_dir / f"{preset}-{json_name}-{save['writer']}", save["writer"], batches,
-                                 args.steps))
+                                 args.steps, args.saves))
         result["writer"] = json.dumps(ds_config.get("checkpoint", {}).get("writer", save["writer"]))
     del engine, model
     gc.collect()
@@ -142,18 +145,21 @@ def run_row(row: str, args, info) -> dict:
     return result
 
 
-def timed_save(engine, run_dir: Path, writer: str, batches, max_steps: int) -> dict:
-    """Saves twice as training does (pretrain.checkpoint.save), then trains `max_steps` steps and waits for the write.
+def timed_save(engine, run_dir: Path, writer: str, batches, max_steps: int, saves: int = 2) -> dict:
+    """Saves `saves` times as training does (pretrain.checkpoint.save), each followed by `max_steps` steps and
+    the wait for the write.
 
-    The second save is the one reported: the first also allocates (and on a GPU pins) the background
-    writer's host buffers, which later saves reuse; its blocked time is `first_save_seconds`.
+    The last save is the one reported: the first also allocates (and on a GPU pins) the background
+    writer's host buffers, which later saves reuse; its blocked time is `first_save_seconds`. One save
+    (`--saves 1`) where the disk holds one checkpoint but not two (keep_last=1 deletes the older one
+    only once the newer is complete).
     """
     from pretrain import checkpoint
     from pretrain.engine import optimizer_step
 
     shutil.rmtree(run_dir, ignore_errors=True)
     first = 0.0
-    for step in (1, 2):
+    for step in range(1, saves + 1):
         started = time.perf_counter()
         tag = checkpoint.save(engine, run_dir, step, {"step": step}, keep_last=1,
                               writer="background" if writer == "background" else "blocking")
@@ -201,6 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--save", action="store_true", help="time a checkpoint save after the steps: blocked, written, its size (save.writer= picks the writer)")
     parser.add_argument("--save-dir", type=Path, default=Path("runs/bench_max_model"))
+    parser.add_argument("--saves", type=int, default=2, choices=(1, 2), help="saves per row with --save; the last is reported")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     info = init_distributed()

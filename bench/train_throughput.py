@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the table here")
     parser.add_argument("--dry-run", action="store_true", help="tiny preset, 2 steps, any device")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops per variant")
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="raw and loop:* rows: write a Chrome trace of 5 steps (with Python stacks) here, and its summary (bench/trace_summary.py)")
     parser.add_argument("--find-syncs", action="store_true",
                         help="loop:* variants: list every host-GPU synchronisation in 3 steps after the warm-up (file:line, count)")
     return parser.parse_args(argv)
@@ -212,6 +214,8 @@ def measure_raw(config: ModelConfig, args, device, compile_model: bool) -> float
         return rows[:, :-1], rows[:, 1:]
 
     interval, times, clock = (10 if not args.dry_run else 1), [], None
+    if args.trace and device.type == "cuda":
+        step = _step_profiler(step, range(args.warmup + 5, args.warmup + 10), "raw", args.trace)
     for i in range(args.warmup + args.steps):
         loss = step(batch())
         if (i + 1) % interval == 0 or i + 1 == args.warmup:
@@ -249,8 +253,8 @@ def measure_loop(config: ModelConfig, json_name: str, args, device, compile_mode
         trainer.save = lambda: None  # the benchmark times training steps, not checkpoint writes
         if args.find_syncs and device.type == "cuda":
             trainer.train_step = _sync_finder(trainer.train_step, range(warmup + 1, warmup + 4), json_name)
-        if args.profile and device.type == "cuda":
-            trainer.train_step = _step_profiler(trainer.train_step, range(warmup + 5, warmup + 10), json_name)
+        if (args.profile or args.trace) and device.type == "cuda":
+            trainer.train_step = _step_profiler(trainer.train_step, range(warmup + 5, warmup + 10), json_name, args.trace)
         input_seconds = _time_input_pipeline(trainer)
         trainer.run()
         lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -303,8 +307,9 @@ def _caller_outside_torch() -> str:
     return "?"
 
 
-def _step_profiler(train_step, steps: range, name: str):
-    """Wraps Trainer.train_step: torch.profiler over `steps`, then the top ops by device and host time."""
+def _step_profiler(train_step, steps: range, name: str, trace_dir: Path | None = None):
+    """Wraps a step function: torch.profiler over `steps`, then the top ops by device and host time
+    (or, with `trace_dir`, a Chrome trace with Python stacks and its summary)."""
     from torch.profiler import ProfilerActivity, profile
 
     state = {"step": 0, "prof": None}
@@ -312,12 +317,16 @@ def _step_profiler(train_step, steps: range, name: str):
     def step_with_profile(*args, **kwargs):
         state["step"] += 1
         if state["step"] == steps[0]:
-            state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            torch.cuda.synchronize()
+            state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=trace_dir is not None)
             state["prof"].__enter__()
         result = train_step(*args, **kwargs)
         if state["step"] == steps[-1]:
             torch.cuda.synchronize()
             state["prof"].__exit__(None, None, None)
+            if trace_dir is not None:
+                _write_trace(state["prof"], trace_dir, name, len(steps))
+                return result
             events = state["prof"].key_averages()
             print(f"--- profile loop:{name} ({len(steps)} steps) by device time")
             print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
@@ -326,6 +335,22 @@ def _step_profiler(train_step, steps: range, name: str):
         return result
 
     return step_with_profile
+
+
+def _write_trace(prof, trace_dir: Path, name: str, steps: int) -> None:
+    import gzip
+    import shutil
+
+    from bench.trace_summary import summarise
+
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    stem = "loop-" + name.replace(":", "-").replace("=", "-").replace("+", "-").replace("/", "-") if name != "raw" else "raw"
+    plain = trace_dir / f"{stem}.json"
+    prof.export_chrome_trace(str(plain))
+    with open(plain, "rb") as src, gzip.open(trace_dir / f"{stem}.json.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    plain.unlink()
+    print(summarise(trace_dir / f"{stem}.json.gz", steps), flush=True)
 
 
 def _sync_finder(train_step, steps: range, name: str):

@@ -60,7 +60,7 @@ def build_adamw8bit(param_groups: list[dict[str, Any]], lr: float, betas: tuple[
             done = int(first["step"].item()) if first else 0  # CPU tensor: no device sync
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
             with torch.random.fork_rng(devices=devices), inductor.patch(fallback_random=True):
-                torch.manual_seed(seed * 1_000_003 + done)
+                torch.manual_seed((seed * 1_000_003 + done) % 2**63)  # any seed (torch.initial_seed() is 64-bit)
                 return super().step(closure)
 
         def state_dict(self) -> dict[str, Any]:

@@ -45,3 +45,22 @@ def test_rows_print_one_table_with_params_tokens_host_peak_and_the_timed_save(tm
     assert lines[0].split() == ["row", "GPU", "GiB", "estimate", "diff", "host", "GiB", "estimate", "diff"]
     assert [line.split()[0] for line in lines[1:]] == rows
     assert all(line.split()[1:4] == ["-", "-", "-"] and line.endswith("%") for line in lines[1:])  # no GPU here: host only
+
+
+@pytest.mark.slow
+def test_an_adamw8bit_row_saves_once_with_saves_1(tmp_path):
+    out = tmp_path / "rows.json"
+    row = "tiny:zero0_adamw8bit:train.optimizer=adamw8bit+train.seq_len=32+save.writer=background"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.max_model", "--rows", row, "--steps", "1", "--save", "--saves", "1",
+         "--save-dir", str(tmp_path / "ckpt"), "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (data,) = json.loads(out.read_text())
+    assert data["config"]["train"]["optimizer"] == "adamw8bit"
+    # bf16 weights (2 B/param) and two 8-bit moments with their scales: ~4 B/param, not fp32 AdamW's 12
+    assert 3.5 * data["params"] < data["checkpoint_bytes"] < 6 * data["params"]
+    checkpoints = tmp_path / "ckpt" / "tiny-zero0_adamw8bit-background" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000001"
+    assert data["first_save_seconds"] == data["save_seconds"] > 0

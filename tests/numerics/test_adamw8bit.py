@@ -78,3 +78,14 @@ def test_adamw8bit_trains_and_resumes_exactly(shards, tmp_path):
     assert len(step_losses(run_dir)) < 12
     resumed = run_training(run_dir, shards, **{**EIGHT_BIT, "train.max_steps": 12})
     assert resumed == whole
+
+
+def test_any_64_bit_seed_rounds(tmp_path):
+    """torch.initial_seed() is 64-bit when nothing seeded torch: the rounding's seed still fits manual_seed."""
+    layer = torch.nn.Linear(256, 256, dtype=torch.bfloat16)
+    before = layer.weight.detach().clone()
+    optimizer = build_adamw8bit([{"params": list(layer.parameters()), "weight_decay": 0.0}], 1e-2, (0.9, 0.95), 1e-8,
+                                seed=2**64 - 1)
+    layer(torch.randn(4, 256, dtype=torch.bfloat16)).float().square().mean().backward()
+    optimizer.step()
+    assert not torch.equal(layer.weight, before)
