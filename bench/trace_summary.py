@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
-WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy ", "cudaMemcpy")
+WAITS = {"cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy"}  # cudaMemcpyAsync is a launch
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cudaGraphLaunch", "cudaMemcpyAsync")
 
 
@@ -83,7 +83,7 @@ def summarise(path: Path, steps: int, top: int = 25) -> str:
     waits = collections.Counter()
     counts = collections.Counter()
     for e in runtime:
-        if e["name"].startswith(WAITS):
+        if e["name"] in WAITS:
             waits[e["name"]] += e["dur"]
         if e["name"].startswith(LAUNCHES):
             counts[e["name"]] += 1

@@ -228,7 +228,8 @@ def measure_raw(config: ModelConfig, args, device, compile_model: bool) -> float
 
 
 def measure_loop(config: ModelConfig, json_name: str, args, device, compile_model: bool):
-    """(seconds per step, input seconds per step, (step, loss) of the last logged step) of lmforge's
+    """(seconds per step, input seconds per step, (step, loss) of the last logged step, seconds per step the host
+    waited for the GPU) of lmforge's
     Trainer.run on the shards: the median logged interval after the warm-up.
 
     `json_name` is a ds_configs/ stem, optionally followed by `:SET+SET` overrides of the config
@@ -256,13 +257,33 @@ def measure_loop(config: ModelConfig, json_name: str, args, device, compile_mode
         if (args.profile or args.trace) and device.type == "cuda":
             trainer.train_step = _step_profiler(trainer.train_step, range(warmup + 5, warmup + 10), json_name, args.trace)
         input_seconds = _time_input_pipeline(trainer)
+        waits = _time_gpu_waits(trainer)
         trainer.run()
         lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         del trainer
     rates = sorted(r["tokens_per_second"] for r in lines if "tokens_per_second" in r and r["step"] > warmup)
-    waits = sorted(input_seconds[warmup:]) or [float("nan")]
+    inputs = sorted(input_seconds[warmup:]) or [float("nan")]
+    timed_waits = [seconds for step, seconds in waits.items() if step > warmup] or [float("nan")]
     last = [r for r in lines if "loss" in r][-1]  # same seed and batches in every loop row: equal kernels, equal loss
-    return args.batch * args.seq_len / rates[len(rates) // 2], waits[len(waits) // 2], (last["step"], last["loss"])
+    return (args.batch * args.seq_len / rates[len(rates) // 2], inputs[len(inputs) // 2], (last["step"], last["loss"]),
+            sum(timed_waits) / len(timed_waits))
+
+
+def _time_gpu_waits(trainer) -> dict[int, float]:
+    """Per step number, the host's seconds waiting for the GPU to finish that step (the step guard reads
+    its flags a step late, and at every log line): near 0 when the host is the bottleneck."""
+    waits: dict[int, float] = {}
+    resolve = trainer.guarded._resolve
+
+    def timed_resolve(pending):
+        clock = time.perf_counter()
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        waits[pending.step_number] = time.perf_counter() - clock
+        return resolve(pending)
+
+    trainer.guarded._resolve = timed_resolve
+    return waits
 
 
 def _time_input_pipeline(trainer) -> list[float]:
@@ -392,8 +413,9 @@ def measure(variant: str, config: ModelConfig, args, device, compile_model: bool
         if name == "raw":
             seconds = measure_raw(config, args, device, compile_model)
         else:
-            seconds, input_seconds, (step, loss) = measure_loop(config, opts, args, device, compile_model)
-            note = f"input {input_seconds * 1e3:.2f} ms/step ({input_seconds / seconds:.2%}); loss {loss:.6f} at step {step}"
+            seconds, input_seconds, (step, loss), wait = measure_loop(config, opts, args, device, compile_model)
+            note = (f"input {input_seconds * 1e3:.2f} ms/step ({input_seconds / seconds:.2%}); host waits for the GPU "
+                    f"{wait * 1e3:.1f} ms/step; loss {loss:.6f} at step {step}")
         tokens_per_second = args.batch * args.seq_len / seconds
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0
         gc.collect()

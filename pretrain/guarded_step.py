@@ -164,6 +164,8 @@ class GuardedStep:
         if self.on_device:
             self._basic = engine.basic_optimizer
             self._zero = optimizer is not self._basic  # a ZeRO optimizer wraps the fused torch one
+            # The weights that can have gradients, listed once: module.parameters() walks every submodule (host time each step).
+            self._trained = [p for p in engine.module.parameters() if p.requires_grad]
             if self._zero:
                 optimizer.check_grad_overflow = False
                 self._wrap_basic_step()
@@ -199,7 +201,7 @@ class GuardedStep:
 
     def _clip_zero0(self) -> torch.Tensor:
         """lmforge's clipping at ZeRO-0 (DeepSpeed's reads a scalar back from the GPU): the global norm."""
-        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        params = [p for p in self._trained if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 

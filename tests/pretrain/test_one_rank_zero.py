@@ -146,3 +146,25 @@ def test_a_two_rank_zero2_checkpoint_resumes_on_one_rank_as_zero1(shards, tmp_pa
     assert losses[:4] == reference[:4]
     assert losses[4:] == pytest.approx(reference[4:], rel=TOLERANCE)
     assert checkpoint.read_record(run / "checkpoints" / "step_00000008")["zero_stage"] == 1
+
+
+def allreduce_probe(run_dir, shards, nproc: int, **extra) -> dict:
+    sets = tiny_overrides(run_dir, shards, **{"deepspeed.config": "ds_configs/zero0.json", "train.max_steps": 3, **extra})
+    command = training_command(nproc)
+    command[command.index("pretrain.train")] = "tests.pretrain.allreduce_probe"
+    result = subprocess.run(command + sets, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_zero0_on_one_rank_skips_deepspeeds_gradient_allreduce_and_two_ranks_keep_it(shards, tmp_path):
+    one = allreduce_probe(tmp_path / "one", shards, 1)
+    assert (one["world"], one["enable_backward_allreduce"], one["allreduces"]) == (1, False, 0)
+    # two ranks, each half of the global batch: DeepSpeed's all-reduce averages them, and the step's gradient
+    # norm is the one-rank run's over the same global batch (one rank takes it as 2 accumulated micro-batches)
+    two = allreduce_probe(tmp_path / "two", shards, 2, **{"train.micro_batch_size": 4})
+    assert (two["world"], two["enable_backward_allreduce"], two["allreduces"]) == (2, True, 3)
+    accumulated = allreduce_probe(tmp_path / "acc", shards, 1, **{"train.micro_batch_size": 4, "train.grad_accum_steps": 2})
+    assert accumulated["allreduces"] == 0
+    assert abs(two["grad_norm"] - accumulated["grad_norm"]) <= 1e-5 * accumulated["grad_norm"]
