@@ -17,10 +17,18 @@ by `parallel.tensor.with_tensor_parallel`, called next to `with_pipeline` in pre
 | scheduler (WarmupCosineLR) params     | train.max_steps, warmup_steps, min_lr / lr (`warmup_cosine_params`) |
 | bf16.enabled = "auto"                 | true where the device trains in bf16 (GPU), else false |
 | torch_autocast.enabled = "auto"       | the same: bf16 autocast over fp32 weights on GPU, fp32 on CPU |
+| steps_per_print, wall_clock_breakdown | unless the JSON sets them: 10**9 and false (lmforge logs itself) |
+| timers.throughput.enabled             | unless the JSON has `timers`: false (see below) |
 
 The shipped ZeRO JSONs use `torch_autocast` rather than DeepSpeed's `bf16` mode: on one H200 it
 ran 1.6× (ZeRO-0) and 1.4× (ZeRO-2) faster for GPT-2 124M (docs/performance.md), because the bf16
 optimizer's per-parameter overflow checks synchronise the host with the GPU every step.
+
+DeepSpeed's throughput timer, on by default, calls `torch.cuda.synchronize()` when each forward starts
+and each optimizer step ends, to time them: two host waits for the GPU per step that stop the host from
+queuing the next step while the GPU runs this one. lmforge measures throughput itself, so it is off
+unless the JSON has a `timers` section: the real loop of gpt2-124m on one H200 went from 0.96x to
+1.01x a plain PyTorch script with it off (docs/performance.md).
 
 A key the JSON already holds with a different value is an error naming both places. "auto" is
 accepted for any filled key.
@@ -150,6 +158,7 @@ def build_deepspeed_config(path: Path, train: TrainConfig, data_parallel_size: i
         problems.append(f"{source}: bf16.enabled and fp16.enabled are both true; choose one")
     config.setdefault("steps_per_print", 10**9)  # we log ourselves
     config.setdefault("wall_clock_breakdown", False)
+    config.setdefault("timers", {"throughput": {"enabled": False}})  # its device syncs: see the docstring
     if problems:
         raise LmforgeError("\n".join(problems))  # one `error:` line each
     return config

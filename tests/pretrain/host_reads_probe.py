@@ -6,7 +6,10 @@ One read is by design and not counted: `GuardedStep._resolve` reading the flags 
 probe reports how many steps each such read looked back.
 
 Every read of a device value into Python (`.item()`, `float()`, `bool()`, `.tolist()`) reaches
-aten's `_local_scalar_dense` or `is_nonzero`; on a GPU each one waits for the GPU to finish."""
+aten's `_local_scalar_dense` or `is_nonzero`; on a GPU each one waits for the GPU to finish. Explicit
+waits (DeepSpeed's accelerator `synchronize()`, e.g. its throughput timer's, and `torch.cuda.synchronize`)
+read no value: they are counted apart, as `device_syncs_per_step` (on a CPU the accelerator's call is a
+no-op, but it is still made)."""
 from __future__ import annotations
 
 import json
@@ -52,9 +55,28 @@ class PythonReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def count_device_syncs() -> dict[str, int]:
+    """Counts DeepSpeed's accelerator synchronize() and torch.cuda.synchronize() calls while not PAUSED."""
+    from deepspeed.accelerator import get_accelerator
+
+    calls = {"n": 0}
+    accelerator = get_accelerator()
+    for owner, name in ((accelerator, "synchronize"), (torch.cuda, "synchronize")):
+        original = getattr(owner, name)
+
+        def counted(*args, _original=original, **kwargs):
+            calls["n"] += not PAUSED["on"]
+            return _original(*args, **kwargs)
+
+        setattr(owner, name, counted)
+    return calls
+
+
 def main(argv: list[str]) -> None:
     config = load_pretrain_config("tiny", [item for item in argv if item != "--set"])
     trainer = Trainer(prepare(config, 1), distributed.init_distributed())
+    syncs = count_device_syncs()
+    sync_counts: list[int] = []
     counts: list[int] = []
     looked_back: list[int] = []
     queue_step, resolve = trainer.guarded.step, trainer.guarded._resolve
@@ -71,16 +93,19 @@ def main(argv: list[str]) -> None:
 
     def counted(*args, **kwargs):
         queuing["step"] = args[1]
+        before = syncs["n"]
         with PythonReads() as python_reads, AtenReads() as aten_reads:
             pending = queue_step(*args, **kwargs)
         queuing["step"] = None
         counts.append(python_reads.count + aten_reads.count)
+        sync_counts.append(syncs["n"] - before)
         return pending
 
     trainer.guarded.step = counted
     trainer.guarded._resolve = resolve_uncounted
     last = trainer.run()
-    print(json.dumps({"reads_per_step": counts, "on_device": trainer.guarded.on_device, "loss": last.get("loss"),
+    print(json.dumps({"reads_per_step": counts, "device_syncs_per_step": sync_counts,
+                      "on_device": trainer.guarded.on_device, "loss": last.get("loss"),
                       "flags_read_steps_back": looked_back}))
     distributed.shutdown()
 

@@ -34,6 +34,16 @@ def test_yaml_values_fill_the_deepspeed_json():
     assert zero_stage_of(config) == 2
 
 
+def test_deepspeeds_throughput_timer_is_off_unless_the_json_sets_timers(tmp_path):
+    """Its synchronize() at every forward and step would make the host wait for the GPU twice a step."""
+    for name in ("zero0", "zero1", "zero2", "zero3", "zero3_offload"):
+        config = build_deepspeed_config(REPO_ROOT / f"ds_configs/{name}.json", TrainConfig(), 1, bf16_supported=True)
+        assert config["timers"] == {"throughput": {"enabled": False}}, name
+    own = {"timers": {"throughput": {"enabled": True, "synchronized": False}}}
+    config = build_deepspeed_config(write(tmp_path, own), TrainConfig(), 1, bf16_supported=False)
+    assert config["timers"] == own["timers"]
+
+
 def test_a_contradiction_between_json_and_yaml_is_an_error_naming_both(tmp_path):
     path = write(tmp_path, {"train_micro_batch_size_per_gpu": 16, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}})
     with pytest.raises(LmforgeError) as err:

@@ -29,9 +29,22 @@ def test_no_step_reads_a_device_value_on_the_host(stage, shards, tmp_path):
     # ZeRO-3 records its parameters' fetch order during its first two steps (with host reads)
     first = 2 if stage == 3 else 0
     assert found["reads_per_step"][first:] == [0] * (6 - first)
+    # nor waits for the device outright (DeepSpeed's throughput timer did, twice a step: pretrain.ds_config)
+    assert found["device_syncs_per_step"][first:] == [0] * (6 - first)
     # each step's flags are read once: one step later inside the next step, or at a log step (3, 6)
     assert sorted(found["flags_read_steps_back"]) == [0, 0, 1, 1, 1, 1]
     assert found["loss"] > 0
+
+
+def test_the_probe_sees_deepspeeds_throughput_timer_syncs(shards, tmp_path):
+    """A JSON that turns DeepSpeed's throughput timer back on: its synchronize() at each forward and step is counted."""
+    config = json.loads((REPO_ROOT / "ds_configs/zero0.json").read_text())
+    config["timers"] = {"throughput": {"enabled": True, "synchronized": True}}
+    path = tmp_path / "timed.json"
+    path.write_text(json.dumps(config))
+    found = host_reads(tmp_path / "run", shards, str(path))
+    # the timer starts counting at its second global step (DeepSpeed's start_step = 2)
+    assert all(count >= 2 for count in found["device_syncs_per_step"][3:]) and found["reads_per_step"] == [0] * 6
 
 
 def test_the_probe_sees_the_host_path_reads(shards, tmp_path):
