@@ -229,8 +229,7 @@ def measure_raw(config: ModelConfig, args, device, compile_model: bool) -> float
 
 def measure_loop(config: ModelConfig, json_name: str, args, device, compile_model: bool):
     """(seconds per step, input seconds per step, (step, loss) of the last logged step, seconds per step the host
-    waited for the GPU) of lmforge's
-    Trainer.run on the shards: the median logged interval after the warm-up.
+    waited for the GPU) of lmforge's Trainer.run on the shards: the median logged interval after the warm-up.
 
     `json_name` is a ds_configs/ stem, optionally followed by `:SET+SET` overrides of the config
     (e.g. `zero0:train.compile_scope=blocks`)."""
@@ -359,19 +358,14 @@ def _step_profiler(train_step, steps: range, name: str, trace_dir: Path | None =
 
 
 def _write_trace(prof, trace_dir: Path, name: str, steps: int) -> None:
-    import gzip
-    import shutil
-
     from bench.trace_summary import summarise
+    from lmforge import ownership
 
-    trace_dir.mkdir(parents=True, exist_ok=True)
+    ownership.claim(trace_dir, "bench-trace", "bench.train_throughput")  # judged by main before any row ran
     stem = "loop-" + name.replace(":", "-").replace("=", "-").replace("+", "-").replace("/", "-") if name != "raw" else "raw"
-    plain = trace_dir / f"{stem}.json"
-    prof.export_chrome_trace(str(plain))
-    with open(plain, "rb") as src, gzip.open(trace_dir / f"{stem}.json.gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    plain.unlink()
-    print(summarise(trace_dir / f"{stem}.json.gz", steps), flush=True)
+    path = trace_dir / f"{stem}.json.gz"
+    prof.export_chrome_trace(str(path))  # torch gzips a .gz path
+    print(summarise(path, steps), flush=True)
 
 
 def _sync_finder(train_step, steps: range, name: str):
@@ -474,6 +468,14 @@ def main(argv=None) -> int:
     variants = args.variants.split(",")
     if uses_data(variants) and not (args.data / "manifest.json").is_file():
         raise SystemExit(f"error: --data {args.data}: no manifest.json (make shards with `lmforge prep shards`)")
+    if args.trace is not None:  # new, empty or an earlier --trace's folder: nothing of the user's is overwritten
+        from lmforge import ownership
+        from lmforge.errors import LmforgeError
+
+        try:
+            ownership.check_output(args.trace, "bench-trace", "bench.train_throughput", "--trace")
+        except LmforgeError as err:
+            raise SystemExit(f"error: {err}") from None
     info = init_distributed()
     device = info.device
     compile_model = device.type == "cuda" and not args.dry_run

@@ -29,11 +29,12 @@ from lmforge.errors import LmforgeError
 from lmforge.files import write_atomic
 from lmforge.run_layout import DEEPSPEED_ENV_FILE, LOCK_FILE, OWNER_FILE
 
-Kind = Literal["run", "posttrain-run", "export", "shards", "tokenizer", "alignment-table"]
-KINDS: tuple[str, ...] = ("run", "posttrain-run", "export", "shards", "tokenizer", "alignment-table")
+Kind = Literal["run", "posttrain-run", "export", "shards", "tokenizer", "alignment-table", "bench-trace"]
+KINDS: tuple[str, ...] = ("run", "posttrain-run", "export", "shards", "tokenizer", "alignment-table", "bench-trace")
 DESCRIPTION = {"run": "a pretraining run directory", "posttrain-run": "a post-training run directory",
                "export": "a Hugging Face export", "shards": "a shard directory", "tokenizer": "a tokenizer directory",
-               "alignment-table": "the alignment table's folder (python -m posttrain.alignment_table)"}
+               "alignment-table": "the alignment table's folder (python -m posttrain.alignment_table)",
+               "bench-trace": "a folder of profiler traces (python -m bench.train_throughput --trace)"}
 # Transient files lmforge itself leaves for an instant (write probes, atomic-write temps) or keeps (lock,
 # marker), and DeepSpeed's environment file `lmforge preflight --deepspeed-env` writes before the run starts.
 _OURS_PREFIXES = (".write_probe", ".write-probe-", OWNER_FILE, LOCK_FILE, DEEPSPEED_ENV_FILE)

@@ -45,3 +45,34 @@ def test_dry_run_times_the_real_loop_and_a_raw_script_on_shards(tmp_path, tiny_c
     # Each loop row ends with its last logged loss: the same seed and batches at ZeRO-0 and ZeRO-2 (fp32 on a CPU).
     losses = [float(r["note"].split("loss ")[1].split()[0]) for r in (zero0, zero2)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_a_trace_folder_holding_someone_elses_files_is_refused_before_anything_runs(tmp_path):
+    """--trace writes its traces only into a new, empty or earlier --trace folder (lmforge.ownership)."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("a user's file\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.train_throughput", "--dry-run", "--variants", "baseline", "--trace", str(folder)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "--trace" in lines[0] and "notes.txt" in lines[0] and "nothing was changed" in lines[0]
+    assert result.stdout == ""  # refused before any variant ran
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    assert (folder / "notes.txt").read_text() == "a user's file\n"
+
+
+def test_an_earlier_trace_folder_is_reused(tmp_path):
+    from lmforge import ownership
+
+    folder = ownership.claim(tmp_path / "traces", "bench-trace", "bench.train_throughput")
+    (folder / "raw.json.gz").write_bytes(b"old trace")
+    assert ownership.check_output(folder, "bench-trace", "bench.train_throughput", "--trace") == "bench-trace"
+    run_dir = ownership.claim(tmp_path / "run", "run", "train")
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError, match="is a pretraining run directory"):
+        ownership.check_output(run_dir, "bench-trace", "bench.train_throughput", "--trace")
