@@ -65,6 +65,32 @@ def parse_row(row: str) -> tuple[str, str, dict[str, str]]:
     return parts[0], parts[1], settings
 
 
+SAVE_VERB = "bench.max_model"
+
+
+def save_folder(save_dir: Path, row: str) -> Path:
+    """--save's folder of one row: SAVE_DIR/preset-json-writer."""
+    preset, json_name, settings = parse_row(row)
+    return save_dir / f"{preset}-{json_name}-{settings.get('save.writer', 'blocking')}"
+
+
+def judge_save_folders(save_dir: Path, rows: list[str]) -> None:
+    """Before any row runs: each row's --save folder is new, empty or one this bench made (its checkpoints
+    are replaced); anything else (a training run, a user's files) is refused in one line, left as it was."""
+    from lmforge import ownership
+    from lmforge.errors import LmforgeError
+
+    for row in rows:
+        folder = save_folder(save_dir, row)
+        try:
+            if ownership.check_output(folder, "run", SAVE_VERB, "--save-dir") and \
+                    (ownership.read_owner(folder) or {}).get("verb") != SAVE_VERB:
+                raise LmforgeError(f"--save-dir {folder}: is a pretraining run that bench.max_model did not make; nothing "
+                                   "was changed: choose another --save-dir")
+        except LmforgeError as err:
+            raise SystemExit(f"error: {err}") from None
+
+
 def _value(text: str):
     try:
         return json.loads(text)
@@ -135,8 +161,7 @@ def run_row(row: str, args, info) -> dict:
               "config": {"model": asdict(config.model), "train": asdict(train), "ds_config": ds_config,
                          "world": info.world_size, "device": info.device.type}}
     if args.save:
-        result.update(timed_save(engine, args.save_dir / f"{preset}-{json_name}-{save['writer']}", save["writer"], batches,
-                                 args.steps, args.saves))
+        result.update(timed_save(engine, save_folder(args.save_dir, row), save["writer"], batches, args.steps, args.saves))
         result["writer"] = json.dumps(ds_config.get("checkpoint", {}).get("writer", save["writer"]))
     del engine, model
     gc.collect()
@@ -154,10 +179,13 @@ def timed_save(engine, run_dir: Path, writer: str, batches, max_steps: int, save
     (`--saves 1`) where the disk holds one checkpoint but not two (keep_last=1 deletes the older one
     only once the newer is complete).
     """
+    from lmforge import ownership
     from pretrain import checkpoint
     from pretrain.engine import optimizer_step
 
-    shutil.rmtree(run_dir, ignore_errors=True)
+    # the folder was judged by judge_save_folders before any row ran: new, empty or this bench's own
+    shutil.rmtree(checkpoint.checkpoints_dir(run_dir), ignore_errors=True)
+    ownership.claim(run_dir, "run", SAVE_VERB)
     first = 0.0
     for step in range(1, saves + 1):
         started = time.perf_counter()
@@ -210,6 +238,8 @@ def main(argv=None) -> int:
     parser.add_argument("--saves", type=int, default=2, choices=(1, 2), help="saves per row with --save; the last is reported")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.save:
+        judge_save_folders(args.save_dir, args.rows)
     info = init_distributed()
     rows = []
     for row in args.rows:

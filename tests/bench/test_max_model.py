@@ -64,3 +64,18 @@ def test_an_adamw8bit_row_saves_once_with_saves_1(tmp_path):
     checkpoints = tmp_path / "ckpt" / "tiny-zero0_adamw8bit-background" / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step_00000001"
     assert data["first_save_seconds"] == data["save_seconds"] > 0
+
+
+def test_a_save_folder_holding_someone_elses_files_is_refused_before_any_row_runs(tmp_path):
+    row = "tiny:zero1:train.seq_len=32+save.writer=background"
+    folder = tmp_path / "ckpt" / "tiny-zero1-background"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("a user's file\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.max_model", "--rows", row, "--steps", "1", "--save", "--save-dir", str(tmp_path / "ckpt")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "--save-dir" in lines[0] and "notes.txt" in lines[0]
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"] and result.stdout == ""
