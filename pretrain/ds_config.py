@@ -19,6 +19,7 @@ by `parallel.tensor.with_tensor_parallel`, called next to `with_pipeline` in pre
 | torch_autocast.enabled = "auto"       | the same: bf16 autocast over fp32 weights on GPU, fp32 on CPU |
 | steps_per_print, wall_clock_breakdown | unless the JSON sets them: 10**9 and false (lmforge logs itself) |
 | timers.throughput.enabled             | unless the JSON has `timers`: false (see below) |
+| torch_autocast.lower_precision_safe_modules | unless the JSON sets it: [] (gradients reduced in fp32, see below) |
 
 The shipped ZeRO JSONs use `torch_autocast` rather than DeepSpeed's `bf16` mode: on one H200 it
 ran 1.6× (ZeRO-0) and 1.4× (ZeRO-2) faster for GPT-2 124M (docs/performance.md), because the bf16
@@ -29,6 +30,14 @@ and each optimizer step ends, to time them: two host waits for the GPU per step 
 queuing the next step while the GPU runs this one. lmforge measures throughput itself, so it is off
 unless the JSON has a `timers` section: the real loop of gpt2-124m on one H200 went from 0.96x to
 1.01x a plain PyTorch script with it off (docs/performance.md).
+
+Under `torch_autocast`, DeepSpeed marks every `nn.Linear` weight to be reduced in the autocast dtype:
+ZeRO 1-3 and ZeRO-0's all-reduce cast those fp32 gradients to bf16 and back, even on one rank, so the
+optimizer steps on rounded gradients (the GPU parity run's final valid loss was 0.17% worse than a
+plain PyTorch loop's on every one of four seeds; docs/parity.md). lmforge writes an empty
+`lower_precision_safe_modules` unless the JSON names one: every gradient is reduced in its parameter's
+dtype (fp32), as Megatron does for bf16. A JSON that lists modules gets DeepSpeed's bf16 reduction back
+(half the gradient bytes on the wire at more ranks).
 
 A key the JSON already holds with a different value is an error naming both places. "auto" is
 accepted for any filled key.
@@ -159,6 +168,8 @@ def build_deepspeed_config(path: Path, train: TrainConfig, data_parallel_size: i
     config.setdefault("steps_per_print", 10**9)  # we log ourselves
     config.setdefault("wall_clock_breakdown", False)
     config.setdefault("timers", {"throughput": {"enabled": False}})  # its device syncs: see the docstring
+    if autocast.get("enabled"):
+        autocast.setdefault("lower_precision_safe_modules", [])  # fp32 gradient reduction: see the docstring
     if problems:
         raise LmforgeError("\n".join(problems))  # one `error:` line each
     return config

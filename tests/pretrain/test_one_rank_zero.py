@@ -168,3 +168,25 @@ def test_zero0_on_one_rank_skips_deepspeeds_gradient_allreduce_and_two_ranks_kee
     accumulated = allreduce_probe(tmp_path / "acc", shards, 1, **{"train.micro_batch_size": 4, "train.grad_accum_steps": 2})
     assert accumulated["allreduces"] == 0
     assert abs(two["grad_norm"] - accumulated["grad_norm"]) <= 1e-5 * accumulated["grad_norm"]
+
+
+def autocast_json(tmp_path, stage: int, **autocast) -> str:
+    """A ZeRO-`stage` JSON with bf16 autocast on (true, not "auto": this CPU runs it too)."""
+    config = {**shipped(f"zero{stage}.json"), "torch_autocast": {"enabled": True, "dtype": "bfloat16", **autocast}}
+    path = tmp_path / f"zero{stage}_autocast_{len(autocast)}.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_under_bf16_autocast_zero1_steps_on_the_fp32_gradients_unless_the_json_asks_for_bf16_reduction(shards, tmp_path):
+    """DeepSpeed marks nn.Linear weights (gpt2's head, tied to the embedding) for reduction in bf16; lmforge's empty
+    lower_precision_safe_modules keeps every gradient fp32, so ZeRO-1's gradient norm is ZeRO-0's (which one rank
+    never reduces); the JSON's own list brings the rounding back, and the probe sees it."""
+    gpt2 = {"model.arch": "gpt2", "model.n_kv_heads": "null"}
+    zero0 = allreduce_probe(tmp_path / "z0", shards, 1, **gpt2, **{"deepspeed.config": autocast_json(tmp_path, 0)})
+    zero1 = allreduce_probe(tmp_path / "z1", shards, 1, **gpt2, **{"deepspeed.config": autocast_json(tmp_path, 1)})
+    rounded = allreduce_probe(tmp_path / "bf16", shards, 1, **gpt2, **{
+        "deepspeed.config": autocast_json(tmp_path, 1, lower_precision_safe_modules=["torch.nn.Linear"])})
+    assert abs(zero1["grad_norm"] - zero0["grad_norm"]) <= 1e-6 * zero0["grad_norm"]
+    assert abs(rounded["grad_norm"] - zero0["grad_norm"]) > 1e-5 * zero0["grad_norm"]
