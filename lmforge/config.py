@@ -49,14 +49,29 @@ class _Mismatch(Exception):
     pass
 
 
+# The strings PyYAML (YAML 1.1) reads as booleans, in lower case as our Literal choices are spelt.
+_YAML_BOOL_SPELLINGS = {True: ("on", "yes", "true"), False: ("off", "no", "false")}
+
+
+def _literal_choice(value: Any, choices: tuple) -> Any:
+    """`value` if one of `choices`, or the one choice spelling a YAML bool (`off` is read as False); else _Mismatch."""
+    if isinstance(value, bool):
+        spelt = [c for c in choices if c in _YAML_BOOL_SPELLINGS[value]]
+        if len(spelt) == 1:  # two spellings among the choices: which one was written is lost
+            return spelt[0]
+    if value in choices:
+        return value
+    raise _Mismatch
+
+
 def _coerce(value: Any, tp: Any) -> Any:
     """Returns `value` as type `tp`, or raises _Mismatch."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise _Mismatch
+        return _literal_choice(value, typing.get_args(tp))
     if origin in (Union, types.UnionType):
+        if isinstance(value, bool) and bool in typing.get_args(tp):
+            return value  # a true bool field stays one, whatever Literal shares its union
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg)
@@ -119,7 +134,8 @@ def _build_section(cls: type, values: Mapping[str, Any], prefix: str, source: st
         try:
             kwargs[key] = _coerce(value, hints[key])
         except _Mismatch:
-            problems.append(f"{source}: {prefix}{key} = {value!r}: expected {_describe(hints[key])}")
+            hint = " (YAML reads unquoted on/off/yes/no as true/false)" if isinstance(value, bool) else ""
+            problems.append(f"{source}: {prefix}{key} = {value!r}: expected {_describe(hints[key])}{hint}")
             continue
         if any(isinstance(v, float) and not math.isfinite(v) for v in _values(kwargs[key])):
             problems.append(f"{source}: {prefix}{key} = {value!r}: expected a finite number (not nan or inf)")

@@ -1,10 +1,12 @@
 """The typed config loader: every problem in one error, closest-key hints, overrides, files saved."""
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
 
-from lmforge.config import config_to_dict, load_config, parse_overrides, save_config
+from lmforge.config import config_from_mapping, config_to_dict, load_config, parse_overrides, save_config
 from lmforge.errors import LmforgeError
 from pretrain.config import PretrainConfig, load_pretrain_config
 
@@ -60,3 +62,36 @@ def test_saved_config_loads_back_identically(tmp_path):
     data = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert data == config_to_dict(config)
     assert load_config(PretrainConfig, tmp_path / "config.yaml") == config
+
+
+def test_off_read_by_yaml_as_false_is_the_literal_choice_off_in_set_and_in_files(tmp_path):
+    assert load_pretrain_config("llama-1b", ["train.float8=off"]).train.float8 == "off"
+    path = tmp_path / "fp8.yaml"
+    path.write_text("train:\n  float8: off\n")
+    assert load_config(PretrainConfig, path).train.float8 == "off"
+
+
+def test_a_choice_not_allowed_stays_a_one_line_error_naming_file_and_key():
+    with pytest.raises(LmforgeError) as err:
+        load_pretrain_config("llama-1b", ["train.float8=bogus"])
+    preset = REPO / "configs" / "llama-1b.yaml"
+    assert str(err.value) == f"{preset}: train.float8 = 'bogus': expected one of 'off', 'tensorwise', 'rowwise'"
+    with pytest.raises(LmforgeError) as err:  # `on` is read as True, and no choice spells True
+        load_pretrain_config("llama-1b", ["train.float8=on"])
+    assert "train.float8 = True: expected one of 'off', 'tensorwise', 'rowwise' (YAML reads unquoted" in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_off_and_on_for_a_bool_field_stay_booleans():
+    assert load_pretrain_config("tiny", ["train.compile=off"]).train.compile is False
+    assert load_pretrain_config("tiny", ["train.compile=on"]).train.compile is True
+
+    @dataclass(frozen=True)
+    class Section:
+        mode: Literal["off", "auto"] | bool = "auto"
+
+    @dataclass(frozen=True)
+    class Job:
+        section: Section = Section()
+
+    assert config_from_mapping(Job, {"section": {"mode": False}}).section.mode is False  # the bool, not "off"
