@@ -319,15 +319,22 @@ def mark_damaged(run_dir: Path, tag: str, reason: str, fallback: str) -> None:
     write_atomic(checkpoints_dir(run_dir) / LATEST_FILE, fallback.encode())
 
 
-def load(engine, run_dir: Path, tag: str, load_dir: Path | None = None) -> dict[str, Any]:
+def load(engine, run_dir: Path, tag: str, load_dir: Path | None = None,
+         zero0_groups: list[list[torch.nn.Parameter]] | None = None) -> dict[str, Any]:
     """Restores model, optimizer, scheduler, loss scaler and this rank's RNG; returns client state.
 
     `load_dir` is where DeepSpeed reads `tag` from when not RUN_DIR/checkpoints (a universal copy).
+    `zero0_groups`: the checkpoint is ZeRO-0's and the engine ZeRO-1/2's; the model's parameters in the
+    optimizer's group order (pretrain.universal_checkpoint.load_zero0_optimizer_state).
     """
+    from pretrain.universal_checkpoint import load_zero0_optimizer_state
+
     root = checkpoints_dir(run_dir)
     source = Path(load_dir) if load_dir is not None else root
     try:
-        path, client_state = engine.load_checkpoint(str(source), tag=tag)
+        path, client_state = engine.load_checkpoint(str(source), tag=tag, load_optimizer_states=zero0_groups is None)
+        if path is not None and zero0_groups is not None:  # DeepSpeed hands the unread ZeRO-0 state back as client state
+            load_zero0_optimizer_state(engine.optimizer, (client_state or {}).pop("optimizer", None), zero0_groups, source / tag)
     except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise LmforgeError(f"{source / tag}: DeepSpeed could not load this checkpoint ({type(err).__name__}: {first[:300]})") from None

@@ -106,9 +106,10 @@ class TrainConfig:
     """adamw: DeepSpeed's AdamW from the JSON (fp32 weights and moments, 16 bytes per parameter); adamw8bit: bf16
     weights and torchao's 8-bit AdamW with stochastic rounding (6 bytes; numerics/adamw8bit.py), with
     ds_configs/zero0_adamw8bit.json: for models whose fp32 states do not fit (llama-13b on one H200)."""
-    float8: Literal["off", "tensorwise", "rowwise"] = "off"
+    float8: Literal["off", "tensorwise", "rowwise", "auto"] = "off"
     """FP8 matmuls in the blocks' linear layers (torchao float8 training, numerics/float8.py; a GPU of
-    compute capability >= 8.9 and torchao): a scale per tensor, or per row (more accurate, slower)."""
+    compute capability >= 8.9 and torchao): a scale per tensor, or per row (more accurate, slower); auto:
+    tensorwise where the GPU and torchao allow it, else off (the llama-1b preset: faster there, same loss)."""
     max_bad_steps: int = 5
     """Consecutive optimizer steps with a non-finite loss or gradient (each skipped) that stop training."""
 
@@ -140,6 +141,9 @@ class TrainConfig:
 class DeepSpeedSection:
     config: Path = Path("ds_configs/zero1.json")
     """DeepSpeed's own JSON (ZeRO stage, precision, offload, activation checkpointing)."""
+    one_rank_zero0: bool = True
+    """On a world of one rank, a ZeRO-1/2 JSON (no offload, torch_autocast or fp32) runs as ZeRO-0: the same
+    arithmetic, less GPU work per step; false runs the JSON's stage (e.g. to try a ZeRO-1 setup on one GPU)."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ by `parallel.tensor.with_tensor_parallel`, called next to `with_pipeline` in pre
 | torch_autocast.enabled = "auto"       | the same: bf16 autocast over fp32 weights on GPU, fp32 on CPU |
 | steps_per_print, wall_clock_breakdown | unless the JSON sets them: 10**9 and false (lmforge logs itself) |
 | timers.throughput.enabled             | unless the JSON has `timers`: false (see below) |
-| torch_autocast.lower_precision_safe_modules | unless the JSON sets it: [] (gradients reduced in fp32, see below) |
+| torch_autocast.lower_precision_safe_modules | unless the JSON sets it, at ZeRO 0-2: [] (gradients reduced in fp32, see below) |
 
 The shipped ZeRO JSONs use `torch_autocast` rather than DeepSpeed's `bf16` mode: on one H200 it
 ran 1.6× (ZeRO-0) and 1.4× (ZeRO-2) faster for GPT-2 124M (docs/performance.md), because the bf16
@@ -37,7 +37,10 @@ optimizer steps on rounded gradients (the GPU parity run's final valid loss was 
 plain PyTorch loop's on every one of four seeds; docs/parity.md). lmforge writes an empty
 `lower_precision_safe_modules` unless the JSON names one: every gradient is reduced in its parameter's
 dtype (fp32), as Megatron does for bf16. A JSON that lists modules gets DeepSpeed's bf16 reduction back
-(half the gradient bytes on the wire at more ranks).
+(half the gradient bytes on the wire at more ranks). ZeRO-3 keeps DeepSpeed's default: there the mark
+also sets the dtype its all-gathers of the weights use, and the DeepCompile loop row with fp32 marks
+failed on the H200 (`aten._scaled_dot_product_cudnn_attention`: expected Tensor), not yet separated from
+other causes (docs/performance.md).
 
 A key the JSON already holds with a different value is an error naming both places. "auto" is
 accepted for any filled key.
@@ -168,7 +171,7 @@ def build_deepspeed_config(path: Path, train: TrainConfig, data_parallel_size: i
     config.setdefault("steps_per_print", 10**9)  # we log ourselves
     config.setdefault("wall_clock_breakdown", False)
     config.setdefault("timers", {"throughput": {"enabled": False}})  # its device syncs: see the docstring
-    if autocast.get("enabled"):
+    if autocast.get("enabled") and zero_stage_of(config) < 3:
         autocast.setdefault("lower_precision_safe_modules", [])  # fp32 gradient reduction: see the docstring
     if problems:
         raise LmforgeError("\n".join(problems))  # one `error:` line each
@@ -302,6 +305,29 @@ def for_one_zero_rank(ds_config: dict[str, Any], zero_ranks: int) -> tuple[dict[
     how += [f"zero_optimization.{key} {str(value).lower()}" for key, value in changed.items()]
     return config, (f"ZeRO-{stage} on one data-parallel rank: {', '.join(how)}: less host time per step, "
                     "the same losses (docs/performance.md)")
+
+
+def as_zero0_on_one_rank(ds_config: dict[str, Any], world_size: int, saved_stage: int | None) -> tuple[dict[str, Any], str | None]:
+    """(DeepSpeed's JSON, a one-line notice): a ZeRO-1/2 JSON without offload, in torch_autocast or fp32,
+    on a world of one rank, built as ZeRO-0 (a copy); else the JSON itself and None.
+
+    One rank holds every partition, so ZeRO-1/2 keep the whole optimizer state there as ZeRO-0 does, and
+    do ZeRO-0's arithmetic (tests/pretrain/test_one_rank_zero.py: the same losses and gradient norms); but
+    DeepSpeed's ZeRO optimizer keeps its own flat fp32 copy of the weights and copies every gradient into it
+    and the weights back out each step (on one H200, gpt2-124m: 0.927x a plain PyTorch loop against ZeRO-0's
+    0.993x in one run, docs/performance.md). Its checkpoints are ZeRO-0's: ZeRO-0 loads them on any number
+    of ranks, and ZeRO-1/2 on more ranks load them too (pretrain.checkpoint.load, `from_zero0`). A resume of a
+    checkpoint that ZeRO-1/2 wrote (`saved_stage` >= 1) keeps the JSON's stage; so does the bf16/fp16 mode,
+    whose optimizer is another (deepspeed.one_rank_zero0 = false keeps it always)."""
+    stage = zero_stage_of(ds_config)
+    half_mode = any((ds_config.get(key) or {}).get("enabled") for key in ("bf16", "fp16"))
+    if world_size != 1 or stage not in (1, 2) or offloads_to_host(ds_config) or half_mode or saved_stage not in (None, 0):
+        return ds_config, None
+    config = copy.deepcopy(ds_config)
+    config["zero_optimization"] = {"stage": 0}
+    return config, (f"ZeRO-{stage} on one rank: built as ZeRO-0 (one rank holds every partition: the same arithmetic "
+                    "without ZeRO's flat copy of the weights); its checkpoints are ZeRO-0's, which ZeRO-1/2 on more ranks "
+                    "resume (deepspeed.one_rank_zero0: false keeps the JSON's stage; docs/performance.md)")
 
 
 def with_universal_loading(ds_config: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,8 @@ class ResumePoint:
     """The checkpoint's COMPLETE record."""
     load_dir: Path | None
     """Where DeepSpeed loads the tag from, when not RUN_DIR/checkpoints (a universal copy)."""
+    from_zero0: bool = False
+    """ZeRO-0's checkpoint, loaded into ZeRO-1/2 (pretrain.universal_checkpoint.load_zero0_optimizer_state)."""
 
 
 def _problem(run_dir: Path, tag: str) -> str | None:
@@ -163,6 +165,11 @@ def plan(config, data_parallel_size: int, zero_stage: int) -> ResumePoint | None
         raise LmforgeError(f"{folder}: written with parallel.expert = {saved_experts}, the config says "
                            f"{config.parallel.expert}; resume with the expert degree it was saved with")
     load_dir = None
+    if universal_checkpoint.loads_zero0_into_zero(record, zero_stage):
+        if saved_experts > 1:
+            raise LmforgeError(f"{folder}: an expert-parallel ZeRO-0 checkpoint cannot be resumed at ZeRO-{zero_stage}; "
+                               "resume it with ds_configs/zero0.json")
+        return ResumePoint(tag, record, None, from_zero0=True)
     if universal_checkpoint.needs_universal(record, data_parallel_size, zero_stage, folder):
         if saved_experts > 1:
             raise LmforgeError(f"{folder}: an expert-parallel checkpoint of {record['data_parallel_size']} data-parallel ranks "

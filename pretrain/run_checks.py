@@ -98,13 +98,33 @@ def _data_vocab(data: DataConfig, verify: bool, found: LaunchCheck) -> int | Non
     return vocab
 
 
+def _saved_zero_stage(run_dir: Path) -> int | None:
+    """The ZeRO stage of the run dir's latest checkpoint (its COMPLETE record), None for a fresh run or an
+    unreadable record (the resume, pretrain.resume.plan, says what is wrong). Read before the engine is
+    chosen (pretrain.ds_config.as_zero0_on_one_rank), without importing DeepSpeed; nothing is verified."""
+    import json
+
+    from lmforge.run_layout import CHECKPOINTS_DIR, COMPLETE_MARKER, LATEST_FILE
+
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    try:
+        latest = root / LATEST_FILE
+        tags = sorted(p.name for p in root.iterdir() if (p / COMPLETE_MARKER).is_file()) if root.is_dir() else []
+        tag = latest.read_text().strip() if latest.is_file() else (tags[-1] if tags else None)
+        record = json.loads((root / tag / COMPLETE_MARKER).read_text()) if tag else None
+    except (OSError, ValueError):
+        return None
+    stage = record.get("zero_stage") if isinstance(record, dict) else None
+    return stage if isinstance(stage, int) else None
+
+
 def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchCheck) -> None:
     from lmforge.distributed import bf16_supported
     from parallel.degrees import degree_problems
     from parallel.sequence import sequence_parallel_problems
     from parallel.tensor import tensor_parallel_json_problems, with_tensor_parallel
-    from pretrain.ds_config import (build_deepspeed_config, checkpoint_writer_problems, for_one_zero_rank,
-                                    optimizer_json_problems, read_deepspeed_json, zero_stage_of)
+    from pretrain.ds_config import (as_zero0_on_one_rank, build_deepspeed_config, checkpoint_writer_problems,
+                                    for_one_zero_rank, optimizer_json_problems, read_deepspeed_json, zero_stage_of)
     from pretrain.ds_json_checks import deepspeed_json_problems, precision_problems
     from pretrain.pipeline import configure_pipeline, data_parallel_size
 
@@ -130,7 +150,11 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
     try:
         ds_config = build_deepspeed_config(path, config.train, data_parallel_size(config.parallel, world_size), bf16_supported())
         ds_config = configure_pipeline(ds_config, config.parallel, config.model, world_size)
-        ds_config, note = for_one_zero_rank(ds_config, data_parallel_size(config.parallel, world_size) * config.parallel.sequence)
+        note = None
+        if config.deepspeed.one_rank_zero0:
+            ds_config, note = as_zero0_on_one_rank(ds_config, world_size, _saved_zero_stage(config.run.dir))
+        if note is None:
+            ds_config, note = for_one_zero_rank(ds_config, data_parallel_size(config.parallel, world_size) * config.parallel.sequence)
         found.notes += [note] if note else []
         found.ds_config = with_tensor_parallel(ds_config, config.parallel.tensor)
     except LmforgeError as err:

@@ -21,6 +21,7 @@ from lmforge.config import save_config
 from lmforge.distributed import launcher_world_size
 from lmforge.errors import run_cli
 from lmforge.run_layout import config_path
+from numerics.float8 import convert_to_float8, float8_recipe
 from parallel.experts import apply_expert_parallel
 from pretrain import checkpoint, console, faults, resume, run_checks
 from pretrain.config import PretrainConfig, load_pretrain_config
@@ -87,10 +88,8 @@ class Trainer:
             mpu = apply_sequence_parallel(self.model, self.config.parallel.sequence)
         if self.config.parallel.expert > 1:  # experts sharded by DeepSpeed's MoE layers (parallel/experts.py)
             apply_expert_parallel(self.model.blocks, self.config.parallel.expert, load_balancing_loss)
-        if train.float8 != "off":
-            from numerics.float8 import convert_to_float8
-
-            convert_to_float8(self.model, train.float8)
+        if float8_recipe(train.float8, info.device) != "off":
+            convert_to_float8(self.model, float8_recipe(train.float8, info.device))
         on_device = guards_on_device(ds_config)
         self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile, train.decay_embeddings,
                                    guard_clips=on_device, compile_scope=train.compile_scope, mpu=mpu,
@@ -110,11 +109,18 @@ class Trainer:
         point = self.resume_point
         if point is None:
             return
-        state = checkpoint.load(self.engine, self.config.run.dir, point.tag, point.load_dir)
+        groups = None
+        if point.from_zero0:
+            from pretrain.engine import parameter_groups
+
+            train = self.config.train
+            groups = [group["params"] for group in parameter_groups(self.model, train.weight_decay, train.decay_embeddings)]
+        state = checkpoint.load(self.engine, self.config.run.dir, point.tag, point.load_dir, zero0_groups=groups)
         self.step = self.saved_step = int(state["step"])
         if distributed.is_main():
             record = point.record
             how = "" if point.load_dir is None else f" (saved on {record['data_parallel_size']} data-parallel ranks, loaded through {point.load_dir})"
+            how += f" (ZeRO-0's checkpoint, loaded into ZeRO-{zero_stage_of(self.ds_config)})" if point.from_zero0 else ""
             print(f"resumed from {checkpoint.checkpoints_dir(self.config.run.dir) / point.tag} at step {self.step}{how}", flush=True)
             if record.get("global_batch", self.global_batch) != self.global_batch:
                 print(f"note: global batch {self.global_batch} differs from the checkpoint's {record['global_batch']}: "
@@ -309,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 params += f", {trainer.model.active_params() / 1e6:.2f}M active"
             print(
                 f"training {cfg.model.arch} ({params}) on {info.world_size} "
-                f"rank(s), {info.device.type}, ZeRO-{zero_stage_of(run.ds_config)}, {precision_of(run.ds_config)}, "
+                f"rank(s), {info.device.type}, ZeRO-{zero_stage_of(run.ds_config)}, {precision_of(run.ds_config)}"
+                f"{'' if float8_recipe(cfg.train.float8, info.device) == 'off' else ', float8 ' + float8_recipe(cfg.train.float8, info.device)}, "
                 f"run dir {cfg.run.dir}",
                 flush=True,
             )

@@ -6,7 +6,9 @@ format stores every parameter whole (`zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt`)
 loaded on any number of ranks with `"checkpoint": {"load_universal": true}` in the JSON. We run
 DeepSpeed's own converter (`deepspeed.checkpoint.ds_to_universal`) once per checkpoint, on the
 main rank, into RUN_DIR/checkpoints/<tag>/universal/<tag>/ (so pruning the tag removes it too).
-ZeRO-0 checkpoints hold the whole optimizer state and load on any number of ranks as they are.
+ZeRO-0 checkpoints hold the whole optimizer state and load on any number of ranks as they are; ZeRO-1/2
+load them too (`load_zero0_optimizer_state`: each rank takes its slice of every state): a one-rank run of
+a ZeRO-1/2 JSON runs as ZeRO-0 (pretrain.ds_config.as_zero0_on_one_rank) and continues on more ranks.
 """
 from __future__ import annotations
 
@@ -17,10 +19,64 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmforge import distributed
 from lmforge.errors import LmforgeError
 from lmforge.run_layout import UNIVERSAL_DIR
 
+
+
+def loads_zero0_into_zero(record: dict[str, Any], zero_stage: int) -> bool:
+    """True when `record`'s checkpoint is ZeRO-0's and the run here is ZeRO-1/2 (`load_zero0_optimizer_state`)."""
+    return record.get("zero_stage") == 0 and zero_stage in (1, 2)
+
+
+def load_zero0_optimizer_state(zero, saved: Any, groups: list[list[torch.nn.Parameter]], folder: Path) -> None:
+    """Gives DeepSpeed's ZeRO-1/2 optimizer `zero` the torch AdamW state `saved` of a ZeRO-0 checkpoint.
+
+    `groups` are the model's parameters in the order of the optimizer's groups at the save (pretrain.engine.
+    parameter_groups); the checkpoint's module weights are already loaded and copied into ZeRO's fp32
+    partitions. ZeRO flattens each group's parameters in that order (padded at the end) and gives rank r
+    elements [r * size, (r + 1) * size): each moment is flattened and sliced the same way. The groups'
+    values (the lr the scheduler set for the next step, betas, weight decay) are the saved ones, as
+    DeepSpeed's universal loader does."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or not isinstance(saved.get("param_groups"), list):
+        raise LmforgeError(f"{folder}: a ZeRO-0 checkpoint without a torch optimizer state; resume it with ds_configs/zero0.json")
+    if len(saved["param_groups"]) != len(groups) or len(zero.round_robin_bit16_groups) != len(groups):
+        raise LmforgeError(f"{folder}: {len(saved['param_groups'])} optimizer groups saved, {len(groups)} here; "
+                           "resume it with ds_configs/zero0.json")
+    entry_of: dict[int, dict[str, Any]] = {}
+    for params, saved_group in zip(groups, saved["param_groups"]):
+        indices = saved_group.get("params", [])
+        if len(indices) != len(params):
+            raise LmforgeError(f"{folder}: an optimizer group of {len(indices)} parameters saved, {len(params)} here; "
+                               "resume it with ds_configs/zero0.json")
+        for param, index in zip(params, indices):
+            entry = saved["state"].get(index)
+            if entry is not None and any(key not in entry or tuple(entry[key].shape) != tuple(param.shape) for key in ("exp_avg", "exp_avg_sq")):
+                raise LmforgeError(f"{folder}: its optimizer state is not torch AdamW's for these parameters; "
+                                   "resume it with ds_configs/zero0.json")
+            entry_of[id(param)] = entry
+    for i, params in enumerate(zero.round_robin_bit16_groups):
+        ranks, rank = zero.partition_count[i], torch.distributed.get_rank(group=zero.real_dp_process_group[i])
+        entries = [entry_of.get(id(p)) for p in params]
+        if any(entry is None for entry in entries):
+            if any(entry is not None for entry in entries):
+                raise LmforgeError(f"{folder}: some parameters of an optimizer group have no saved state")
+            continue  # this group never stepped: its state starts empty, as it would have
+        master = zero.single_partition_of_fp32_groups[i]
+        size, fused = master.numel(), zero.optimizer.param_groups[i].get("fused") or zero.optimizer.param_groups[i].get("capturable")
+        state: dict[str, Any] = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            flat = torch.cat([entry[key].reshape(-1).to(torch.float32) for entry in entries])
+            flat = torch.nn.functional.pad(flat, (0, size * ranks - flat.numel()))
+            state[key] = flat[rank * size:(rank + 1) * size].to(master.device).clone()
+        step = float(entries[0]["step"])
+        state["step"] = torch.tensor(step, dtype=torch.float32, device=master.device if fused else "cpu")
+        zero.optimizer.state[master] = state
+    for group, saved_group in zip(zero.optimizer.param_groups, saved["param_groups"]):  # the lr of the saved step, betas, decay
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
 
 
 def needs_universal(record: dict[str, Any], data_parallel_size: int, zero_stage: int, folder: Path) -> bool:

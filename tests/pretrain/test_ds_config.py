@@ -44,6 +44,20 @@ def test_deepspeeds_throughput_timer_is_off_unless_the_json_sets_timers(tmp_path
     assert config["timers"] == own["timers"]
 
 
+def test_under_autocast_zero_0_to_2_reduce_gradients_in_fp32_unless_the_json_lists_modules(tmp_path):
+    """DeepSpeed would mark every nn.Linear weight for bf16 reduction (tests/pretrain/test_one_rank_zero.py sees it)."""
+    for name in ("zero0", "zero1", "zero2"):
+        config = build_deepspeed_config(REPO_ROOT / f"ds_configs/{name}.json", TrainConfig(), 1, bf16_supported=True)
+        assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}, name
+    zero3 = build_deepspeed_config(REPO_ROOT / "ds_configs/zero3.json", TrainConfig(), 1, bf16_supported=True)
+    assert "lower_precision_safe_modules" not in zero3["torch_autocast"]  # DeepSpeed's default kept at ZeRO-3
+    on_cpu = build_deepspeed_config(REPO_ROOT / "ds_configs/zero1.json", TrainConfig(), 1, bf16_supported=False)
+    assert on_cpu["torch_autocast"] == {"enabled": False, "dtype": "bfloat16"}
+    own = {"torch_autocast": {"enabled": True, "lower_precision_safe_modules": ["torch.nn.Linear"]}}
+    config = build_deepspeed_config(write(tmp_path, own), TrainConfig(), 1, bf16_supported=True)
+    assert config["torch_autocast"]["lower_precision_safe_modules"] == ["torch.nn.Linear"]
+
+
 def test_a_contradiction_between_json_and_yaml_is_an_error_naming_both(tmp_path):
     path = write(tmp_path, {"train_micro_batch_size_per_gpu": 16, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}})
     with pytest.raises(LmforgeError) as err:

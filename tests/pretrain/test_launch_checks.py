@@ -147,7 +147,8 @@ def test_prepare_keeps_the_config_it_checked(shards, tmp_path):
     run = prepare(tiny_config(tmp_path, shards), 1)
     assert run.config.model.vocab_size == 512 and run.ds_config["train_batch_size"] == 2
     assert (tmp_path / "run").is_dir()  # created only once every check passed
-    assert [note.split(":")[0] for note in run.notes] == ["ZeRO-1 on one data-parallel rank"]  # pretrain.ds_config.for_one_zero_rank
+    assert [note.split(":")[0] for note in run.notes] == ["ZeRO-1 on one rank"]  # pretrain.ds_config.as_zero0_on_one_rank
+    assert run.ds_config["zero_optimization"] == {"stage": 0}
 
 
 def test_a_gpt2_model_with_grouped_query_attention_is_refused_before_training_not_when_reading_old_runs(shards, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from lmforge.errors import LmforgeError
 from pretrain import checkpoint
 from pretrain.config import REPO_ROOT
-from pretrain.ds_config import ONE_RANK_ZERO_SETTINGS, for_one_zero_rank
+from pretrain.ds_config import ONE_RANK_ZERO_SETTINGS, as_zero0_on_one_rank, for_one_zero_rank
 from pretrain.universal_checkpoint import needs_universal
 from tests.pretrain.training_runs import REPO, run_env, step_losses, tiny_overrides, training_command
 
@@ -37,6 +37,23 @@ def test_other_layouts_keep_the_json_as_it_is(name, ranks):
     assert config == shipped(name) and note is None
 
 
+@pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero1_actckpt.json"])
+def test_a_one_rank_world_builds_zero_1_2_as_zero0_with_a_note(name):
+    config, note = as_zero0_on_one_rank(shipped(name), 1, None)
+    stage = shipped(name)["zero_optimization"]["stage"]
+    assert config["zero_optimization"] == {"stage": 0}
+    assert {k: v for k, v in config.items() if k != "zero_optimization"} == {k: v for k, v in shipped(name).items() if k != "zero_optimization"}
+    assert note.startswith(f"ZeRO-{stage} on one rank: built as ZeRO-0")
+    assert as_zero0_on_one_rank(shipped(name), 1, 0) == (config, note)  # resuming its own ZeRO-0 checkpoint
+
+
+@pytest.mark.parametrize("name,world,saved", [("zero1.json", 2, None), ("zero2.json", 1, 1), ("zero1.json", 1, 2),
+                                              ("zero2_bf16.json", 1, None), ("zero3.json", 1, None),
+                                              ("zero3_offload.json", 1, None), ("zero0.json", 1, None)])
+def test_zero0_is_not_built_for_more_ranks_a_zero_checkpoint_bf16_mode_offload_or_zero3(name, world, saved):
+    assert as_zero0_on_one_rank(shipped(name), world, saved) == (shipped(name), None)
+
+
 def test_a_json_already_without_overlap_and_buckets_changes_only_a_zero2_stage():
     config = {"zero_optimization": {"stage": 1, **ONE_RANK_ZERO_SETTINGS}}
     assert for_one_zero_rank(config, 1) == (config, None)
@@ -53,9 +70,9 @@ def test_zero1_and_zero2_checkpoints_load_each_other_only_on_another_number_of_r
             needs_universal(record, ranks, stage, tmp_path)
 
 
-def train_one_rank(run_dir, shards, stage: int) -> tuple[list[dict], str]:
+def train_one_rank(run_dir, shards, stage: int, **extra) -> tuple[list[dict], str]:
     sets = tiny_overrides(run_dir, shards, **{"deepspeed.config": f"ds_configs/zero{stage}.json", "model.arch": "gpt2",
-                                              "model.n_kv_heads": "null", "train.max_steps": 10})
+                                              "model.n_kv_heads": "null", "train.max_steps": 10, **extra})
     result = subprocess.run(training_command(1) + ["--config", "tiny", *sets], cwd=REPO, env=run_env(),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -63,12 +80,20 @@ def train_one_rank(run_dir, shards, stage: int) -> tuple[list[dict], str]:
     return [line for line in lines if "loss" in line], result.stdout
 
 
+KEEP_STAGE = {"deepspeed.one_rank_zero0": "false"}
+
+
 @pytest.mark.slow
 def test_one_rank_zero_1_and_2_train_with_zero_0s_losses_and_say_so(shards, tmp_path):
+    """Built as ZeRO-0 by default; with deepspeed.one_rank_zero0 false, as ZeRO-1 without overlap and buckets."""
     reference, _ = train_one_rank(tmp_path / "zero0", shards, 0)
     assert len(reference) == 10 and reference[-1]["loss"] < reference[0]["loss"]
     for stage in (1, 2):
         steps, stdout = train_one_rank(tmp_path / f"zero{stage}", shards, stage)
+        assert f"note: ZeRO-{stage} on one rank: built as ZeRO-0" in stdout and ", ZeRO-0, " in stdout
+        assert checkpoint.read_record(tmp_path / f"zero{stage}" / "checkpoints" / "step_00000010")["zero_stage"] == 0
+        assert [(s["loss"], s["grad_norm"]) for s in steps] == [(s["loss"], s["grad_norm"]) for s in reference]
+        steps, stdout = train_one_rank(tmp_path / f"zero{stage}_kept", shards, stage, **KEEP_STAGE)
         assert f"note: ZeRO-{stage} on one data-parallel rank: " in stdout and "overlap_comm false" in stdout
         for ours, theirs in zip(steps, reference, strict=True):
             assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6, abs=0), f"ZeRO-{stage} step {ours['step']}"
@@ -76,20 +101,26 @@ def test_one_rank_zero_1_and_2_train_with_zero_0s_losses_and_say_so(shards, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
-def test_a_one_rank_checkpoint_resumes_on_2_ranks_through_the_universal_checkpoint(stage, shards, tmp_path):
-    """The one-rank settings write ZeRO-1's checkpoint (ZeRO-2 too): on 2 ranks it continues the curve."""
+@pytest.mark.parametrize("stage,keep", [(1, False), (2, False), (1, True)])
+def test_a_one_rank_checkpoint_resumes_on_2_ranks_at_the_jsons_stage(stage, keep, shards, tmp_path):
+    """One rank writes ZeRO-0's checkpoint (ZeRO-1's with one_rank_zero0 false): on 2 ranks at the JSON's
+    stage it continues the curve, each rank taking its slice of the optimizer state (through the universal
+    checkpoint for ZeRO-1's)."""
     from tests.pretrain.test_resume_elastic import TOLERANCE, rewind_to, train
 
     one = tmp_path / "one"
     json_set = {"deepspeed.config": f"ds_configs/zero{stage}.json"}
-    assert f"note: ZeRO-{stage} on one data-parallel rank" in train(one, shards, 1, **json_set)
-    assert checkpoint.read_record(one / "checkpoints" / "step_00000004")["zero_stage"] == 1
+    out = train(one, shards, 1, **json_set, **(KEEP_STAGE if keep else {}))
+    assert (f"note: ZeRO-{stage} on one data-parallel rank" if keep else f"note: ZeRO-{stage} on one rank: built as ZeRO-0") in out
+    assert checkpoint.read_record(one / "checkpoints" / "step_00000004")["zero_stage"] == (1 if keep else 0)
     reference = step_losses(one)
     run = rewind_to(one, tmp_path / "on2", 4)
     out = train(run, shards, 2, **json_set)
-    assert "on one data-parallel rank" not in out  # two ranks keep the JSON's settings
-    assert (f"(saved on 1 data-parallel ranks, loaded through {run / 'checkpoints' / 'step_00000004' / 'universal'})") in out
+    assert "on one data-parallel rank" not in out and "on one rank" not in out  # two ranks keep the JSON's settings
+    if keep:
+        assert f"(saved on 1 data-parallel ranks, loaded through {run / 'checkpoints' / 'step_00000004' / 'universal'})" in out
+    else:
+        assert f"(ZeRO-0's checkpoint, loaded into ZeRO-{stage})" in out
     losses = step_losses(run)
     assert losses[:4] == reference[:4]
     assert losses[4:] == pytest.approx(reference[4:], rel=TOLERANCE)
@@ -185,8 +216,8 @@ def test_under_bf16_autocast_zero1_steps_on_the_fp32_gradients_unless_the_json_a
     never reduces); the JSON's own list brings the rounding back, and the probe sees it."""
     gpt2 = {"model.arch": "gpt2", "model.n_kv_heads": "null"}
     zero0 = allreduce_probe(tmp_path / "z0", shards, 1, **gpt2, **{"deepspeed.config": autocast_json(tmp_path, 0)})
-    zero1 = allreduce_probe(tmp_path / "z1", shards, 1, **gpt2, **{"deepspeed.config": autocast_json(tmp_path, 1)})
-    rounded = allreduce_probe(tmp_path / "bf16", shards, 1, **gpt2, **{
+    zero1 = allreduce_probe(tmp_path / "z1", shards, 1, **gpt2, **KEEP_STAGE, **{"deepspeed.config": autocast_json(tmp_path, 1)})
+    rounded = allreduce_probe(tmp_path / "bf16", shards, 1, **gpt2, **KEEP_STAGE, **{
         "deepspeed.config": autocast_json(tmp_path, 1, lower_precision_safe_modules=["torch.nn.Linear"])})
     assert abs(zero1["grad_norm"] - zero0["grad_norm"]) <= 1e-6 * zero0["grad_norm"]
     assert abs(rounded["grad_norm"] - zero0["grad_norm"]) > 1e-5 * zero0["grad_norm"]

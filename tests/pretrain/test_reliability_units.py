@@ -177,9 +177,14 @@ def test_universal_loading_only_for_a_zero_checkpoint_on_another_number_of_ranks
     assert universal_checkpoint.needs_universal(record, dp, stage, Path("ckpt")) is expected
 
 
-def test_resuming_with_another_zero_stage_is_refused():
-    with pytest.raises(LmforgeError, match="written with ZeRO-0 but deepspeed.config is ZeRO-2; resume with a ZeRO-0 JSON"):
-        universal_checkpoint.needs_universal({"data_parallel_size": 1, "zero_stage": 0}, 1, 2, Path("ckpt"))
+def test_resuming_with_another_zero_stage_is_refused_except_zero0s_checkpoint_at_zero_1_2():
+    with pytest.raises(LmforgeError, match="written with ZeRO-0 but deepspeed.config is ZeRO-3; resume with a ZeRO-0 JSON"):
+        universal_checkpoint.needs_universal({"data_parallel_size": 1, "zero_stage": 0}, 1, 3, Path("ckpt"))
+    with pytest.raises(LmforgeError, match="written with ZeRO-1 but deepspeed.config is ZeRO-0; resume with a ZeRO-1 JSON"):
+        universal_checkpoint.needs_universal({"data_parallel_size": 1, "zero_stage": 1}, 1, 0, Path("ckpt"))
+    # resume.plan loads these itself (pretrain.universal_checkpoint.load_zero0_optimizer_state)
+    assert [universal_checkpoint.loads_zero0_into_zero({"zero_stage": 0}, stage) for stage in (0, 1, 2, 3)] == [False, True, True, False]
+    assert universal_checkpoint.loads_zero0_into_zero({"zero_stage": 1}, 2) is False
 
 
 def test_rng_states_round_trip_through_weights_only_loading(tmp_path):

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 
 def test_a_zero1_checkpoint_folder_is_as_documented(shards, tmp_path):
     run = tmp_path / "run"
-    run_training(run, shards, **{"train.max_steps": 4, "train.save_interval": 2, "train.keep_last": 1})
+    # deepspeed.one_rank_zero0 false: on one rank the tiny preset's ZeRO-1 JSON would run (and save) as ZeRO-0
+    run_training(run, shards, **{"train.max_steps": 4, "train.save_interval": 2, "train.keep_last": 1,
+                                 "deepspeed.one_rank_zero0": "false"})
     root = run / "checkpoints"
     assert (root / "latest").read_text() == "step_00000004"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004", "zero_to_fp32.py", "zero_to_torch.py"]
