@@ -16,9 +16,23 @@ from __future__ import annotations
 import torch
 
 
+def float8_recipe(choice: str, device: torch.device | None) -> str:
+    """The recipe `train.float8 = choice` runs on `device`: "auto" is tensorwise on a GPU of compute capability
+    >= 8.9 with torchao installed (where it measured faster at 1.1B parameters, docs/performance.md), else off."""
+    if choice != "auto":
+        return choice
+    if device is None or device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return "off"
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return "off"
+    return "tensorwise"
+
+
 def float8_problems(recipe: str, device: torch.device | None) -> list[str]:
     """One line per reason `train.float8 = recipe` cannot run here (empty when it can)."""
-    if recipe == "off":
+    if float8_recipe(recipe, device) == "off":
         return []
     try:
         import torchao.float8  # noqa: F401

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from numerics.float8 import convert_to_float8, float8_problems
+from numerics.float8 import convert_to_float8, float8_problems, float8_recipe
 from pretrain.model import ModelConfig, Transformer
 from tests.pretrain.training_runs import run_training
 
@@ -42,6 +42,19 @@ def test_a_missing_torchao_is_one_line_naming_the_key(monkeypatch):
     assert float8_problems("off", None) == []
     (line,) = float8_problems("tensorwise", None)
     assert line.startswith("train.float8 = 'tensorwise' needs torchao")
+
+
+def test_auto_is_tensorwise_only_on_a_gpu_of_compute_capability_8_9_or_newer_with_torchao(monkeypatch):
+    assert float8_recipe("auto", None) == "off" and float8_recipe("auto", torch.device("cpu")) == "off"
+    assert float8_recipe("rowwise", None) == "rowwise" and float8_recipe("off", None) == "off"
+    gpu = torch.device("cuda", 0)
+    for capability, expected in (((9, 0), "tensorwise"), ((8, 9), "tensorwise"), ((8, 0), "off")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert float8_recipe("auto", gpu) == expected, capability
+    assert float8_problems("auto", gpu) == []  # an A100 (8.0) runs bf16: no error for the preset's auto
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    assert float8_recipe("auto", gpu) == "off" and float8_problems("auto", gpu) == []
 
 
 @pytest.mark.slow
