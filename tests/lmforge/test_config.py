@@ -75,10 +75,10 @@ def test_a_choice_not_allowed_stays_a_one_line_error_naming_file_and_key():
     with pytest.raises(LmforgeError) as err:
         load_pretrain_config("llama-1b", ["train.float8=bogus"])
     preset = REPO / "configs" / "llama-1b.yaml"
-    assert str(err.value) == f"{preset}: train.float8 = 'bogus': expected one of 'off', 'tensorwise', 'rowwise'"
+    assert str(err.value) == f"{preset}: train.float8 = 'bogus': expected one of 'off', 'tensorwise', 'rowwise', 'auto'"
     with pytest.raises(LmforgeError) as err:  # `on` is read as True, and no choice spells True
         load_pretrain_config("llama-1b", ["train.float8=on"])
-    assert "train.float8 = True: expected one of 'off', 'tensorwise', 'rowwise' (YAML reads unquoted" in str(err.value)
+    assert "train.float8 = True: expected one of 'off', 'tensorwise', 'rowwise', 'auto' (YAML reads unquoted" in str(err.value)
     assert len(str(err.value).splitlines()) == 1
 
 
