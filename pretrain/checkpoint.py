@@ -29,6 +29,7 @@ from lmforge.files import write_atomic
 from lmforge.out_of_space import describe as describe_space, is_out_of_space
 from lmforge.run_layout import CHECKPOINTS_DIR, COMPLETE_MARKER, DAMAGED_MARKER, LATEST_FILE  # noqa: F401 (re-exported)
 from pretrain import background_checkpoint, faults
+from pretrain.universal_checkpoint import load_zero0_optimizer_state
 
 RECORD_VERSION = 1
 TAG_PATTERN = re.compile(r"step_(\d+)")
@@ -327,8 +328,6 @@ def load(engine, run_dir: Path, tag: str, load_dir: Path | None = None,
     `zero0_groups`: the checkpoint is ZeRO-0's and the engine ZeRO-1/2's; the model's parameters in the
     optimizer's group order (pretrain.universal_checkpoint.load_zero0_optimizer_state).
     """
-    from pretrain.universal_checkpoint import load_zero0_optimizer_state
-
     root = checkpoints_dir(run_dir)
     source = Path(load_dir) if load_dir is not None else root
     try:

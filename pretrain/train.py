@@ -88,8 +88,9 @@ class Trainer:
             mpu = apply_sequence_parallel(self.model, self.config.parallel.sequence)
         if self.config.parallel.expert > 1:  # experts sharded by DeepSpeed's MoE layers (parallel/experts.py)
             apply_expert_parallel(self.model.blocks, self.config.parallel.expert, load_balancing_loss)
-        if float8_recipe(train.float8, info.device) != "off":
-            convert_to_float8(self.model, float8_recipe(train.float8, info.device))
+        recipe = float8_recipe(train.float8, info.device)
+        if recipe != "off":
+            convert_to_float8(self.model, recipe)
         on_device = guards_on_device(ds_config)
         self.engine = build_engine(self.model, ds_config, train.weight_decay, train.compile, train.decay_embeddings,
                                    guard_clips=on_device, compile_scope=train.compile_scope, mpu=mpu,
@@ -313,10 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             params = f"{run_checks.parameter_count(cfg.model) / 1e6:.2f}M params"
             if cfg.model.n_experts:
                 params += f", {trainer.model.active_params() / 1e6:.2f}M active"
+            recipe = float8_recipe(cfg.train.float8, info.device)
             print(
                 f"training {cfg.model.arch} ({params}) on {info.world_size} "
                 f"rank(s), {info.device.type}, ZeRO-{zero_stage_of(run.ds_config)}, {precision_of(run.ds_config)}"
-                f"{'' if float8_recipe(cfg.train.float8, info.device) == 'off' else ', float8 ' + float8_recipe(cfg.train.float8, info.device)}, "
+                f"{'' if recipe == 'off' else ', float8 ' + recipe}, "
                 f"run dir {cfg.run.dir}",
                 flush=True,
             )
