@@ -461,6 +461,22 @@ def print_table(results: list[Result], header: str, reference: str = "baseline")
         print(f"{r.variant:<22} {r.tokens_per_second:>10.0f} {r.mfu:>6.1%} {r.step_ms:>8.1f} {r.peak_memory_gb:>8.2f} {ratio:>10}  {r.note}")
 
 
+def deepcompile_last(variants: list[str]) -> list[str]:
+    """The variants in the order given, except that loop rows whose DeepSpeed JSON turns on DeepCompile
+    run after all others: DeepCompile patches torch's compiled-function backward and parameter hooks for the
+    rest of the process, and a later ZeRO-3 row without it then fails (measured on an H200, DeepSpeed 0.19.8)."""
+    def uses_deepcompile(variant: str) -> bool:
+        kind, _, rest = variant.partition(":")
+        path = resolve_repo_path(Path("ds_configs") / f"{rest.partition(':')[0]}.json")
+        if kind != "loop" or not path.is_file():
+            return False
+        try:
+            return bool(json.loads(path.read_text()).get("compile", {}).get("deepcompile"))
+        except (ValueError, AttributeError):
+            return False
+    return sorted(variants, key=uses_deepcompile)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
@@ -481,7 +497,7 @@ def main(argv=None) -> int:
     compile_model = device.type == "cuda" and not args.dry_run
     config = model_config(args.preset, args.seq_len, args.data if uses_data(variants) else None)
     results: list[Result] = []
-    for variant in variants:
+    for variant in deepcompile_last(variants):
         try:
             results.append(measure(variant, config, args, device, compile_model))
         except torch.cuda.OutOfMemoryError:

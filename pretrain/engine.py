@@ -138,9 +138,19 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
         mpu=mpu if mpu is not None else tensor_parallel_groups(ds_config),
     )
     if compile_model and deepcompile:
+        without_cudnn_attention_for_deepcompile()
         engine.compile()
     _skip_one_rank_allreduce(engine, ds_config)
     return engine
+
+
+def without_cudnn_attention_for_deepcompile() -> None:
+    """Scaled-dot-product attention without its cuDNN kernel in this process (flash attention instead),
+    for DeepSpeed's DeepCompile: on an H200 (torch 2.11, DeepSpeed 0.19.8) DeepCompile runs the compiled
+    forward graph where cuDNN attention returns no log-sum-exp, and inductor's alignment check on that
+    output fails the first step ("TypeError: expected Tensor() for op:
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default", docs/performance.md)."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def _skip_one_rank_allreduce(engine, ds_config: dict[str, Any]) -> None:

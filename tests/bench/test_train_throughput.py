@@ -76,3 +76,11 @@ def test_an_earlier_trace_folder_is_reused(tmp_path):
 
     with pytest.raises(LmforgeError, match="is a pretraining run directory"):
         ownership.check_output(run_dir, "bench-trace", "bench.train_throughput", "--trace")
+
+
+def test_deepcompile_rows_run_after_the_others_in_the_order_given():
+    from bench.train_throughput import deepcompile_last
+
+    # ds_configs/zero3.json turns DeepCompile on; zero2.json and the synthetic rows do not
+    variants = ["raw", "loop:zero3", "loop:zero2", "loop:zero3:train.seed=2", "zero3", "loop:zero0"]
+    assert deepcompile_last(variants) == ["raw", "loop:zero2", "zero3", "loop:zero0", "loop:zero3", "loop:zero3:train.seed=2"]
