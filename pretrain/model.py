@@ -393,13 +393,16 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(tokens, cache, attention_mask, segment_ids, position_offset)
         if targets is None:
             return self.logits(hidden)
-        if self.config.loss_chunk_tokens:
-            loss = linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.loss_chunk_tokens)
-        else:
-            loss = token_cross_entropy(self.lm_head(hidden), targets).mean()
+        loss = self.head_loss(hidden, targets)
         if self.config.n_experts and self.config.router_aux_loss_coef:
             loss = loss + self.config.router_aux_loss_coef * self.router_aux_loss()
         return loss
+
+    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the LM head's logits of `hidden` against `targets`."""
+        if self.config.loss_chunk_tokens:
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets, self.config.loss_chunk_tokens)
+        return token_cross_entropy(self.lm_head(hidden), targets).mean()
 
     def router_aux_loss(self) -> torch.Tensor:
         """Mean over MoE blocks of the load-balancing loss of the last forward (HF's Mixtral takes it
