@@ -141,6 +141,7 @@ def build_engine(model: Transformer, ds_config: dict[str, Any], weight_decay: fl
         without_cudnn_attention_for_deepcompile()
         engine.compile()
     _skip_one_rank_allreduce(engine, ds_config)
+    _zero_grad_from_a_list(engine, ds_config)
     return engine
 
 
@@ -163,6 +164,22 @@ def _skip_one_rank_allreduce(engine, ds_config: dict[str, Any]) -> None:
 
     if zero_stage_of(ds_config) == 0 and (not dist.is_initialized() or dist.get_world_size() == 1):
         engine.enable_backward_allreduce = False
+
+
+def _zero_grad_from_a_list(engine, ds_config: dict[str, Any]) -> None:
+    """ZeRO-0 in fp32 or torch_autocast: DeepSpeed's engine.zero_grad, called after every optimizer step,
+    walks the module tree for its parameters (`named_parameters`: 0.63 ms a step for gpt2-124m's 196 tensors
+    on the CPU proxy, bench/host_overhead.py); the same parameters, listed once here, are cleared in 0.03 ms.
+    ZeRO 1-3 and the bf16/fp16 modes clear gradients in their own optimizers."""
+    if zero_stage_of(ds_config) != 0 or any((ds_config.get(key) or {}).get("enabled") for key in ("bf16", "fp16")):
+        return
+    params = list(engine.module.parameters())
+
+    def zero_grad() -> None:
+        for param in params:
+            param.grad = None
+
+    engine.zero_grad = zero_grad
 
 
 def compile_in_place(model: Transformer, scope: str, mode: str = "default") -> None:

@@ -192,6 +192,8 @@ def allreduce_probe(run_dir, shards, nproc: int, **extra) -> dict:
 def test_zero0_on_one_rank_skips_deepspeeds_gradient_allreduce_and_two_ranks_keep_it(shards, tmp_path):
     one = allreduce_probe(tmp_path / "one", shards, 1)
     assert (one["world"], one["enable_backward_allreduce"], one["allreduces"]) == (1, False, 0)
+    # ZeRO-0's zero_grad clears the gradients from a list made once (pretrain.engine._zero_grad_from_a_list)
+    assert (one["module_walks"], one["grads_cleared"]) == (0, True)
     # two ranks, each half of the global batch: DeepSpeed's all-reduce averages them, and the step's gradient
     # norm is the one-rank run's over the same global batch (one rank takes it as 2 accumulated micro-batches)
     two = allreduce_probe(tmp_path / "two", shards, 2, **{"train.micro_batch_size": 4})
