@@ -66,7 +66,9 @@ def train_reference(config: PretrainConfig, ranks: int, device: torch.device) ->
     train = config.train
     model_config = config.model.with_vocab(load_manifest(resolve_repo_path(config.data.path[0])).tokenizer.vocab_size)
     torch.manual_seed(train.seed)
-    model = Transformer(model_config).to(device)
+    # Drawn where pretrain.engine.build_model draws it below ZeRO-3 (on the GPU): the same initial weights.
+    with torch.device(device) if device.type == "cuda" else nullcontext():
+        model = Transformer(model_config)
     optimizer = torch.optim.AdamW(parameter_groups(model, train), lr=train.lr, betas=(train.beta1, train.beta2),
                                   eps=train.adam_eps, weight_decay=train.weight_decay)
     paths = [resolve_repo_path(p) for p in config.data.path]

@@ -134,6 +134,10 @@ class TrainConfig:
             found.append(f"train.min_lr = {self.min_lr}: must be between 0 and train.lr = {self.lr}")
         if self.warmup_steps > self.max_steps:
             found.append(f"train.warmup_steps = {self.warmup_steps}: must not exceed train.max_steps = {self.max_steps}")
+        if self.compile and self.compile_scope == "blocks" and self.compile_mode == "reduce-overhead":
+            # Measured on an H200: evaluation reads a block's output after the next block's graph replayed over it.
+            found.append("train.compile_mode = reduce-overhead: not supported with train.compile_scope = blocks "
+                         "(CUDA graphs of one block reused by every layer overwrite each other's outputs); use compile_scope: model")
         return found
 
 

@@ -66,7 +66,7 @@ def prepare(config: PretrainConfig, world_size: int, verify_checksums: bool = Tr
 
 class Trainer:
     def __init__(self, run: PreparedRun, info: distributed.DistributedInfo):
-        from pretrain.engine import build_engine, build_model, data_parallel_position
+        from pretrain.engine import build_engine, build_model, data_parallel_position, start_compile_workers
 
         self.config, self.ds_config, self.info = run.config, run.ds_config, info
         train = self.config.train
@@ -77,10 +77,11 @@ class Trainer:
         if self.resume_point is not None and self.resume_point.load_dir is not None:
             ds_config = with_universal_loading(ds_config)
         torch.manual_seed(train.seed)
-        # adamw8bit (bf16 weights, for models too large for fp32 states): built on the GPU, where its random
-        # numbers are drawn in seconds and no fp32 copy of the model passes through host memory.
+        if train.compile and info.device.type == "cuda":
+            start_compile_workers()  # they import torch while the model and the engine are built
+        # adamw8bit (bf16 weights, for models too large for fp32 states): built on the GPU also under zero.Init.
         with torch.device(info.device) if train.optimizer == "adamw8bit" and info.device.type == "cuda" else nullcontext():
-            self.model = build_model(self.config.model, ds_config)
+            self.model = build_model(self.config.model, ds_config, info.device)
         mpu = None
         if self.config.parallel.sequence > 1:
             from parallel.sequence import apply_sequence_parallel

@@ -76,6 +76,9 @@ PREFLIGHT_CASES = [  # the same checks as train's, and no run.dir made after a r
     BadInput("preflight-vocab-mismatch-no-run-dir", lambda ws: preflight(ws, "model.vocab_size=1000"),
              ("model.vocab_size = 1000 but the tokenizer of data.path has 512 tokens",)),
     BadInput("preflight-nan-lr", lambda ws: preflight(ws, "train.lr=.nan"), ("train.lr = nan: expected a finite number",)),
+    BadInput("preflight-cuda-graphs-of-one-block", lambda ws: preflight(ws, "train.compile=true", "train.compile_scope=blocks",
+                                                                         "train.compile_mode=reduce-overhead"),
+             ("train.compile_mode = reduce-overhead: not supported with train.compile_scope = blocks",)),
 ]
 
 

@@ -25,3 +25,29 @@ def test_zero3_build_is_partitioned_with_the_plain_builds_weights(tmp_path, arch
         torch.testing.assert_close(saved["built"][name], tensor, rtol=0, atol=0, msg=name)
     assert saved["count"] == saved["plain_count"]
     assert saved["local_numel"] == 0  # nothing but partitions is held outside DeepSpeed
+
+
+def test_plain_builds_draw_on_the_gpu_below_zero3_and_on_the_host_otherwise():
+    from pretrain.engine import plain_build_device
+
+    gpu = torch.device("cuda", 1)
+    for stage in (0, 1, 2):
+        assert plain_build_device(gpu, {"zero_optimization": {"stage": stage}}) == gpu
+    assert plain_build_device(gpu, {}) == gpu  # no zero_optimization section: ZeRO-0
+    assert plain_build_device(gpu, {"zero_optimization": {"stage": 3}}) is None  # the host holds the whole model
+    assert plain_build_device(torch.device("cpu"), {"zero_optimization": {"stage": 0}}) is None
+    assert plain_build_device(None, {"zero_optimization": {"stage": 0}}) is None
+
+
+def test_a_host_build_for_a_cpu_run_is_the_plain_build():
+    from pretrain.engine import build_model
+    from pretrain.model import ModelConfig, Transformer
+
+    config = ModelConfig(arch="gpt2", vocab_size=100, n_layers=2, d_model=32, n_heads=4, max_seq_len=16)
+    torch.manual_seed(3)
+    built = build_model(config, {"zero_optimization": {"stage": 1}}, torch.device("cpu"))
+    torch.manual_seed(3)
+    plain = Transformer(config)
+    for (name, a), (_, b) in zip(built.state_dict().items(), plain.state_dict().items()):
+        assert a.device.type == "cpu"
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
