@@ -342,9 +342,33 @@ def load(engine, run_dir: Path, tag: str, load_dir: Path | None = None,
     rng_file = root / tag / f"rng_rank{distributed.rank()}.pt"
     if rng_file.is_file():  # absent for ranks a smaller run did not have
         restore_rng_state(_load_rng(rng_file))
+    if load_dir is not None:
+        _restore_group_hyperparameters(engine.optimizer, source / tag)
     _replay_cpu_adam_products(engine.optimizer)
     _unshare_step_counters(engine.optimizer)
     return client_state or {}
+
+
+def _restore_group_hyperparameters(optimizer, universal_tag: Path) -> None:
+    """Gives each optimizer group back its own saved hyperparameters after a ZeRO-3 universal load.
+
+    DeepSpeed's ZeRO-3 universal loader (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+    copies the first saved group's values into every group, so the no-decay group (norms, biases,
+    embeddings) came back with the decayed group's weight_decay and name. The saved groups are in the
+    same file, in the same order.
+    """
+    state_file = universal_tag / "zero" / "optimizer_state.pt"
+    if not state_file.is_file():  # ZeRO-1/2's universal form restores each group itself
+        return
+    saved = torch.load(state_file, map_location="cpu", weights_only=False)
+    if saved.get("zero_stage") != 3:
+        return
+    base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch-level optimizer
+    saved_groups = saved["optimizer_state_dict"]["param_groups"]
+    if len(saved_groups) != len(base.param_groups):
+        raise LmforgeError(f"{state_file}: {len(saved_groups)} optimizer groups saved, {len(base.param_groups)} in this run")
+    for group, saved_group in zip(base.param_groups, saved_groups):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
 
 
 def _unshare_step_counters(optimizer) -> None:
