@@ -10,7 +10,6 @@ from __future__ import annotations
 import queue
 import threading
 
-import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
@@ -43,8 +42,7 @@ class TrainingData:
         self.has_valid = self.valid is not None
 
     def _batch(self, dataset, first: int, count: int) -> torch.Tensor:
-        rows = [dataset.sample(first + k) for k in range(count)]
-        return torch.from_numpy(np.stack(rows).astype(np.int64, copy=False))
+        return torch.from_numpy(dataset.samples(first, count))  # [count, seq_len + 1] int64, no copy
 
     def train_batch(self, step: int, micro: int, train: TrainConfig) -> torch.Tensor:
         mb = train.micro_batch_size
@@ -60,7 +58,7 @@ class TrainingData:
 class BatchPrefetcher:
     """This rank's training batches, built ahead in a background thread in step order.
 
-    The main thread only takes the next one: building (memmap reads, stacking) and, on a GPU,
+    The main thread only takes the next one: building (`samples`: memmap reads into one array) and, on a GPU,
     copying into pinned memory happen meanwhile, so the host-to-device copy can be non-blocking.
     The order is the same function of (step, micro-batch) as `TrainingData.train_batch`; an error
     in the thread is raised by `next`.

@@ -147,3 +147,103 @@ def test_missing_split_and_too_short_split_are_one_line_errors(tiny_corpus_shard
         PackedDataset(tmp_path / "s", "valid", SEQ_LEN, 0)
     with pytest.raises(LmforgeError, match=r"fewer than seq_len \+ 1"):
         PackedDataset(tmp_path / "s", "train", 10**7, 0)
+
+
+# `samples(first, count)`, the batched read: the same rows as `sample`, bit for bit
+
+
+def per_sample(ds, first: int, count: int) -> np.ndarray:
+    return np.stack([ds.sample(first + k) for k in range(count)])
+
+
+def assert_samples_match(ds, first: int, count: int) -> None:
+    batch = ds.samples(first, count)
+    assert batch.dtype == np.int64 and batch.shape == (count, ds.seq_len + 1)
+    assert np.array_equal(batch, per_sample(ds, first, count))
+
+
+@pytest.fixture(scope="module")
+def one_document_a_part(tiny_corpus_shards, stdlib_subset, tmp_path_factory):
+    """Shards of one document each (shard_tokens=1): many parts, some shorter than a window."""
+    out = tmp_path_factory.mktemp("one_document_a_part")
+    spec = CorpusSpec(inputs=tuple(str(p) for p in stdlib_subset(12)))
+    options = ShardOptions(workers=1, valid_fraction=0.0, shard_tokens=1)
+    build_shards(spec, tiny_corpus_shards.tokenizer_dir / "tokenizer.model", out, options, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 1000, 4097, 2**32 - 5])
+def test_feistel_many_equals_calling_it_for_each_position(n):
+    perm = FeistelPermutation(n, key=777)
+    positions = list(range(min(n, 2000))) + ([n - 1, n // 2, n // 3] if n > 2000 else [])
+    assert perm.many(positions) == [perm(i) for i in positions]
+    if n in (5, 17, 4097):  # a quarter of 2**(2 * half) or so: the first round trip often leaves range(n)
+        assert sum(perm._round_trip(i) >= n for i in range(n)) > n // 4
+
+
+def test_feistel_many_beyond_its_tables_falls_back_to_the_same_values():
+    perm = FeistelPermutation(2**40 + 5, key=3)
+    assert perm._half > FeistelPermutation.TABLE_HALF_BITS
+    positions = [0, 1, 2**39, 2**40 + 4]
+    assert perm.many(positions) == [perm(i) for i in positions]
+
+
+def test_samples_equal_samples_one_by_one_across_shard_parts(one_document_a_part):
+    ds = PackedDataset(one_document_a_part, "train", SEQ_LEN, seed=5)
+    starts = np.arange(ds.num_windows) * SEQ_LEN
+    spanning = np.searchsorted(ds._starts, starts, "right") != np.searchsorted(ds._starts, starts + SEQ_LEN, "right")
+    assert len(ds._parts) >= 10 and spanning.sum() >= 9  # windows that run over into the next part(s)
+    assert_samples_match(ds, 0, ds.num_windows)  # a whole epoch: every window, spanning ones included
+    for first in [0, 1, 7, ds.num_windows // 2, 10**6 + 3]:
+        assert_samples_match(ds, first, 16)
+
+
+def test_samples_cross_epoch_boundaries(tiny_corpus_shards):
+    ds = PackedDataset(tiny_corpus_shards.shard_dir, "train", SEQ_LEN, seed=9)
+    n = ds.num_windows
+    for first in [n - 5, 2 * n - 1, 3 * n, 3 * n + n - 7, 10**9 + 17]:
+        assert_samples_match(ds, first, 16)
+    assert_samples_match(ds, n // 2, n + 40)  # three epochs in one call
+    assert ds.samples(7, 0).shape == (0, SEQ_LEN + 1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 17])
+def test_samples_of_a_few_windows_walk_cycles_and_epochs_the_same(tiny_corpus_shards, n):
+    tokens = PackedDataset(tiny_corpus_shards.shard_dir, "valid", SEQ_LEN, seed=0).num_tokens
+    ds = PackedDataset(tiny_corpus_shards.shard_dir, "valid", (tokens - 1) // n, seed=11)
+    assert ds.num_windows == n
+    count = 4 * n + 3  # several epochs, each its own permutation
+    assert_samples_match(ds, 0, count)
+    assert_samples_match(ds, 3 * n + 1, count)
+    if n > 2:  # each epoch a new order, yet every window once
+        orders = [tuple(ds.window_indices(e * n, n)) for e in range(4)]
+        assert len(set(orders)) > 1 and all(sorted(o) == list(range(n)) for o in orders)
+
+
+def test_blended_samples_equal_samples_one_by_one(tiny_corpus_shards, one_document_a_part):
+    train = PackedDataset(tiny_corpus_shards.shard_dir, "train", SEQ_LEN, seed=1)
+    small = PackedDataset(one_document_a_part, "train", SEQ_LEN, seed=2)
+    blend = BlendedDataset([train, small], [3.0, 1.0], seed=4)
+    read = set()
+    for first, count in [(0, 16), (blend.block - 8, 16), (5 * blend.block + 100, 300), (10**7 + 1, 16)]:
+        batch = blend.samples(first, count)
+        assert batch.dtype == np.int64 and np.array_equal(batch, per_sample(blend, first, count))
+        datasets, indices = blend.sources(first, count)
+        assert [(int(d), int(k)) for d, k in zip(datasets, indices)] == [blend.source(first + j) for j in range(count)]
+        read |= set(datasets.tolist())
+    assert read == {0, 1}
+
+
+def test_train_and_valid_batches_are_the_rows_of_their_global_indices(tiny_corpus_shards):
+    import torch
+
+    from pretrain.config import DataConfig, TrainConfig
+    from pretrain.rank_batches import TrainingData
+
+    train = TrainConfig(micro_batch_size=4, grad_accum_steps=2, seq_len=SEQ_LEN)
+    data = TrainingData(DataConfig(path=(tiny_corpus_shards.shard_dir,)), SEQ_LEN, seed=6, rank=1, world_size=2)
+    for step, micro in [(0, 0), (0, 1), (500, 1)]:
+        batch = data.train_batch(step, micro, train)
+        first = step * 16 + micro * 8 + 4  # global batch 4 x 2 x 2; rank 1 reads the second 4 of each 8
+        assert batch.dtype == torch.int64 and np.array_equal(batch.numpy(), per_sample(data.train, first, 4))
+    assert np.array_equal(data.valid_batch(3, train).numpy(), per_sample(data.valid, 3 * 8 + 4, 4))
