@@ -42,10 +42,11 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddin
 def build_model(config: ModelConfig, ds_config: dict[str, Any], device: torch.device | None = None) -> Transformer:
     """The plain model, built for the engine that will wrap it.
 
-    Below ZeRO-3 (where each GPU holds the whole model anyway) it is built on `device` when that is a GPU:
-    its random numbers are drawn there in milliseconds (1.6 s on the host for gpt2-124m) and no fp32 copy
-    passes through host memory; every rank draws the same weights from the same seed. At ZeRO-3 it is built
-    on the host, whose memory holds a whole model that one GPU may not before DeepSpeed partitions it.
+    Below ZeRO-3 without pipeline stages (each GPU holds the whole model anyway) it is built on `device`
+    when that is a GPU: its random numbers are drawn there in milliseconds (1.6 s on the host for
+    gpt2-124m) and no fp32 copy passes through host memory; every rank draws the same weights from the
+    same seed. At ZeRO-3 or with pipeline stages it is built on the host, whose memory holds a whole model
+    that one GPU may not hold before DeepSpeed partitions it or each stage keeps its layers.
 
     At ZeRO-3 with an offload (the runs whose host memory is the limit) it is built under `deepspeed.zero.Init`: each weight is partitioned (and placed on the
     GPU, or the CPU with offload_param) as it is created, so no full fp32 copy of the model is ever
@@ -73,8 +74,9 @@ def build_model(config: ModelConfig, ds_config: dict[str, Any], device: torch.de
 
 
 def plain_build_device(device: torch.device | None, ds_config: dict[str, Any]) -> torch.device | None:
-    """Where `build_model` draws a plain build's weights: on the run's GPU below ZeRO-3, else None (the host)."""
-    if device is not None and device.type == "cuda" and zero_stage_of(ds_config) < 3:
+    """Where `build_model` draws a plain build's weights: on the run's GPU below ZeRO-3 without pipeline
+    stages, else None (the host: ZeRO-3 and pipeline stages are for models one GPU may not hold whole)."""
+    if device is not None and device.type == "cuda" and zero_stage_of(ds_config) < 3 and pipeline_stages_of(ds_config) == 1:
         return device
     return None
 

@@ -35,6 +35,7 @@ def test_plain_builds_draw_on_the_gpu_below_zero3_and_on_the_host_otherwise():
         assert plain_build_device(gpu, {"zero_optimization": {"stage": stage}}) == gpu
     assert plain_build_device(gpu, {}) == gpu  # no zero_optimization section: ZeRO-0
     assert plain_build_device(gpu, {"zero_optimization": {"stage": 3}}) is None  # the host holds the whole model
+    assert plain_build_device(gpu, {"zero_optimization": {"stage": 1}, "pipeline": {"stages": 2}}) is None
     assert plain_build_device(torch.device("cpu"), {"zero_optimization": {"stage": 0}}) is None
     assert plain_build_device(None, {"zero_optimization": {"stage": 0}}) is None
 
