@@ -360,7 +360,11 @@ def _restore_group_hyperparameters(optimizer, universal_tag: Path) -> None:
     state_file = universal_tag / "zero" / "optimizer_state.pt"
     if not state_file.is_file():  # ZeRO-1/2's universal form restores each group itself
         return
-    saved = torch.load(state_file, map_location="cpu", weights_only=False)
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):  # what the file holds besides tensors
+        saved = torch.load(state_file, map_location="cpu", weights_only=True)
     if saved.get("zero_stage") != 3:
         return
     base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch-level optimizer
