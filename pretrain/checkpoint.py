@@ -363,8 +363,10 @@ def _restore_group_hyperparameters(optimizer, universal_tag: Path) -> None:
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
+    # The file also holds the whole model's fp32 weights and Adam moments (12 bytes a parameter), which DeepSpeed
+    # has just read: mapped, not read again, since only the groups are needed.
     with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):  # what the file holds besides tensors
-        saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        saved = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
     if saved.get("zero_stage") != 3:
         return
     base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch-level optimizer
