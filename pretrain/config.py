@@ -146,8 +146,8 @@ class DeepSpeedSection:
     config: Path = Path("ds_configs/zero1.json")
     """DeepSpeed's own JSON (ZeRO stage, precision, offload, activation checkpointing)."""
     one_rank_zero0: bool = True
-    """On a world of one rank, a ZeRO-1/2 JSON (no offload, torch_autocast or fp32) runs as ZeRO-0: the same
-    arithmetic, less GPU work per step; false runs the JSON's stage (e.g. to try a ZeRO-1 setup on one GPU)."""
+    """On a world of one rank, a ZeRO-1/2/3 JSON (no offload, torch_autocast or fp32) runs as ZeRO-0: the same
+    arithmetic, less GPU work per step; false runs the JSON's stage (e.g. to try a ZeRO-1 or ZeRO-3 setup on one GPU)."""
 
 
 @dataclass(frozen=True)

@@ -308,25 +308,30 @@ def for_one_zero_rank(ds_config: dict[str, Any], zero_ranks: int) -> tuple[dict[
 
 
 def as_zero0_on_one_rank(ds_config: dict[str, Any], world_size: int, saved_stage: int | None) -> tuple[dict[str, Any], str | None]:
-    """(DeepSpeed's JSON, a one-line notice): a ZeRO-1/2 JSON without offload, in torch_autocast or fp32,
+    """(DeepSpeed's JSON, a one-line notice): a ZeRO-1/2/3 JSON without offload, in torch_autocast or fp32,
     on a world of one rank, built as ZeRO-0 (a copy); else the JSON itself and None.
 
-    One rank holds every partition, so ZeRO-1/2 keep the whole optimizer state there as ZeRO-0 does, and
-    do ZeRO-0's arithmetic (tests/pretrain/test_one_rank_zero.py: the same losses and gradient norms); but
-    DeepSpeed's ZeRO optimizer keeps its own flat fp32 copy of the weights and copies every gradient into it
-    and the weights back out each step (on one H200, gpt2-124m: 0.927x a plain PyTorch loop against ZeRO-0's
-    0.993x in one run, docs/performance.md). Its checkpoints are ZeRO-0's: ZeRO-0 loads them on any number
-    of ranks, and ZeRO-1/2 on more ranks load them too (pretrain.checkpoint.load, `from_zero0`). A resume of a
-    checkpoint that ZeRO-1/2 wrote (`saved_stage` >= 1) keeps the JSON's stage; so does the bf16/fp16 mode,
+    One rank holds every partition, so ZeRO-1/2/3 keep the whole model and optimizer state there as ZeRO-0
+    does, and do ZeRO-0's arithmetic (tests/pretrain/test_one_rank_zero.py: the same losses and gradient
+    norms); but DeepSpeed's ZeRO optimizers keep their own flat fp32 copy of the weights and copy every
+    gradient into it and the weights back out each step, and ZeRO-3 also gathers and releases every weight
+    around its use (on one H200, gpt2-124m: ZeRO-1 0.927x a plain PyTorch loop against ZeRO-0's 0.993x,
+    DeepCompile's ZeRO-3 0.40-0.45x; docs/performance.md). A ZeRO-3 JSON's DeepCompile section goes with its
+    stage (train.compile compiles the model as at ZeRO-0). Its checkpoints are ZeRO-0's: ZeRO-0 loads them on
+    any number of ranks, ZeRO-1/2 on more ranks load them too (pretrain.checkpoint.load, `from_zero0`), and
+    ZeRO-3 through a universal copy (pretrain.universal_checkpoint.zero0_universal_copy). A resume of a
+    checkpoint that ZeRO-1/2/3 wrote (`saved_stage` >= 1) keeps the JSON's stage; so does the bf16/fp16 mode,
     whose optimizer is another (deepspeed.one_rank_zero0 = false keeps it always)."""
     stage = zero_stage_of(ds_config)
     half_mode = any((ds_config.get(key) or {}).get("enabled") for key in ("bf16", "fp16"))
-    if world_size != 1 or stage not in (1, 2) or offloads_to_host(ds_config) or half_mode or saved_stage not in (None, 0):
+    if world_size != 1 or stage not in (1, 2, 3) or offloads_to_host(ds_config) or half_mode or saved_stage not in (None, 0):
         return ds_config, None
     config = copy.deepcopy(ds_config)
     config["zero_optimization"] = {"stage": 0}
+    if stage == 3 and (config.get("compile") or {}).get("deepcompile"):
+        del config["compile"]  # DeepCompile's passes are ZeRO-3's (and ZeRO-1/2's on more ranks)
     return config, (f"ZeRO-{stage} on one rank: built as ZeRO-0 (one rank holds every partition: the same arithmetic "
-                    "without ZeRO's flat copy of the weights); its checkpoints are ZeRO-0's, which ZeRO-1/2 on more ranks "
+                    "without ZeRO's flat copy of the weights); its checkpoints are ZeRO-0's, which ZeRO-1/2/3 on more ranks "
                     "resume (deepspeed.one_rank_zero0: false keeps the JSON's stage; docs/performance.md)")
 
 

@@ -127,3 +127,71 @@ def universal_copy(folder: Path) -> Path:
     return target
 
 
+
+
+def loads_zero0_into_zero3(record: dict[str, Any], zero_stage: int) -> bool:
+    """True when `record`'s checkpoint is ZeRO-0's and the run here is ZeRO-3 (`zero0_universal_copy`)."""
+    return record.get("zero_stage") == 0 and zero_stage == 3
+
+
+def zero0_universal_copy(folder: Path, parameter_names: list[list[str]]) -> Path:
+    """The directory DeepSpeed's ZeRO-3 loads ZeRO-0's checkpoint `folder` from, in universal format (written
+    on first use, by the main rank): a ZeRO-3 JSON runs as ZeRO-0 on one rank (pretrain.ds_config.
+    as_zero0_on_one_rank) and continues at ZeRO-3 on more ranks.
+
+    `parameter_names` are the model's parameter names in the order of the optimizer's groups at the save
+    (pretrain.engine.parameter_groups). ZeRO-0's one file holds the whole model and torch AdamW's state;
+    the universal layout DeepSpeed's ZeRO-3 loader reads (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+    holds each parameter whole, `zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt`, the groups and step in
+    `zero/optimizer_state.pt`, and the engine's own state (scheduler, step counts, client state) in ZeRO-3's
+    model-states file; every rank then takes its slice of each."""
+    target = folder / UNIVERSAL_DIR
+    failure = None
+    if distributed.is_main() and not target.is_dir():
+        print(f"converting {folder} (ZeRO-0's) to DeepSpeed's universal checkpoint format for ZeRO-3", flush=True)
+        try:
+            _write_zero0_universal(folder, target, parameter_names)
+        except (LmforgeError, OSError, RuntimeError, KeyError, ValueError) as err:
+            failure = str(err)
+    failure = distributed.broadcast_object(failure)
+    if failure:
+        raise LmforgeError(failure)
+    return target
+
+
+def _write_zero0_universal(folder: Path, target: Path, parameter_names: list[list[str]]) -> None:
+    source = folder / "mp_rank_00_model_states.pt"
+    if not source.is_file():
+        raise LmforgeError(f"{folder}: no mp_rank_00_model_states.pt (ZeRO-0's checkpoint file); resume it with ds_configs/zero0.json")
+    saved = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    module, optimizer = saved.get("module"), saved.get("optimizer")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
+        raise LmforgeError(f"{folder}: a ZeRO-0 checkpoint without a torch optimizer state; resume it with ds_configs/zero0.json")
+    if len(optimizer["param_groups"]) != len(parameter_names):
+        raise LmforgeError(f"{folder}: {len(optimizer['param_groups'])} optimizer groups saved, {len(parameter_names)} here; "
+                           "resume it with ds_configs/zero0.json")
+    partial = folder / f"{UNIVERSAL_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    out = partial / folder.name
+    step = None
+    for names, group in zip(parameter_names, optimizer["param_groups"]):
+        if len(group.get("params", [])) != len(names):
+            raise LmforgeError(f"{folder}: an optimizer group of {len(group.get('params', []))} parameters saved, {len(names)} here; "
+                               "resume it with ds_configs/zero0.json")
+        for name, index in zip(names, group["params"]):
+            weight, entry = module.get(name), optimizer["state"].get(index)
+            if weight is None or not isinstance(entry, dict) or any(
+                    not torch.is_tensor(entry.get(key)) or entry[key].shape != weight.shape for key in ("exp_avg", "exp_avg_sq")):
+                raise LmforgeError(f"{folder}: no weight or torch AdamW state saved for {name}; resume it with ds_configs/zero0.json")
+            step = entry["step"] if step is None else step
+            (out / "zero" / name).mkdir(parents=True)
+            for key, tensor in (("fp32", weight), ("exp_avg", entry["exp_avg"]), ("exp_avg_sq", entry["exp_avg_sq"])):
+                torch.save({"param": tensor.to(torch.float32).clone()}, out / "zero" / name / f"{key}.pt")
+    groups = [{key: value for key, value in group.items()} for group in optimizer["param_groups"]]
+    step = torch.as_tensor(step, dtype=torch.float32).clone()
+    torch.save({"zero_stage": 3, "param_groups": groups, "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
+               out / "zero" / "optimizer_state.pt")
+    # The engine's state (scheduler, step counts, lmforge's client state) without what zero/ now holds.
+    engine_state = {key: value for key, value in saved.items() if key not in ("module", "optimizer")}
+    torch.save({**engine_state, "module": {}}, out / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    os.replace(partial, target)

@@ -160,9 +160,11 @@ def test_a_gpt2_model_with_grouped_query_attention_is_refused_before_training_no
     assert run_checks.check_launch(tiny_config(tmp_path, shards, "model.arch=gpt2", "model.n_kv_heads=null"), 1).problems == []
 
 
-@pytest.mark.parametrize("json_name, refused", [("zero3", True), ("zero2", False)])
-def test_the_chunked_head_is_refused_where_zero3_partitions_its_weight(shards, tmp_path, json_name, refused):
-    config = tiny_config(tmp_path, shards, "model.loss_chunk_tokens=64", f"deepspeed.config=ds_configs/{json_name}.json")
+# A ZeRO-3 JSON on one rank runs as ZeRO-0 (pretrain.ds_config.as_zero0_on_one_rank): nothing partitions the head there
+@pytest.mark.parametrize("json_name, keep, refused", [("zero3", "false", True), ("zero3", "true", False), ("zero2", "true", False)])
+def test_the_chunked_head_is_refused_where_zero3_partitions_its_weight(shards, tmp_path, json_name, keep, refused):
+    config = tiny_config(tmp_path, shards, "model.loss_chunk_tokens=64", f"deepspeed.config=ds_configs/{json_name}.json",
+                         f"deepspeed.one_rank_zero0={keep}")
     found = run_checks.check_launch(config, 1, verify_checksums=False)
     chunk_lines = [p for p in found.problems if p.startswith("model.loss_chunk_tokens = 64")]
     assert len(chunk_lines) == (1 if refused else 0), found.problems

@@ -1,5 +1,6 @@
-"""ZeRO-1/2 on one data-parallel rank run as ZeRO-1 with overlap and contiguous buckets off (pretrain.ds_config.for_one_zero_rank),
-announced at launch, with ZeRO-0's losses; multi-rank runs keep the JSON's settings."""
+"""On a world of one rank ZeRO-1/2/3 JSONs run as ZeRO-0 (pretrain.ds_config.as_zero0_on_one_rank), or with
+deepspeed.one_rank_zero0 false ZeRO-1/2 as ZeRO-1 with overlap and contiguous buckets off (for_one_zero_rank),
+announced at launch, with ZeRO-0's losses; their checkpoints resume on more ranks; multi-rank runs keep the JSON's settings."""
 import json
 import subprocess
 
@@ -47,10 +48,21 @@ def test_a_one_rank_world_builds_zero_1_2_as_zero0_with_a_note(name):
     assert as_zero0_on_one_rank(shipped(name), 1, 0) == (config, note)  # resuming its own ZeRO-0 checkpoint
 
 
+def test_a_one_rank_world_builds_zero3_as_zero0_without_deepcompile():
+    """DeepCompile's passes are ZeRO-3's: the JSON's `compile` section goes with the stage (train.compile stays)."""
+    assert shipped("zero3.json")["compile"] == {"deepcompile": True}
+    config, note = as_zero0_on_one_rank(shipped("zero3.json"), 1, None)
+    assert config["zero_optimization"] == {"stage": 0} and "compile" not in config
+    assert {k: v for k, v in config.items() if k != "zero_optimization"} == {
+        k: v for k, v in shipped("zero3.json").items() if k not in ("zero_optimization", "compile")}
+    assert note.startswith("ZeRO-3 on one rank: built as ZeRO-0") and "ZeRO-1/2/3 on more ranks resume" in note
+    assert as_zero0_on_one_rank(shipped("zero3.json"), 1, 3) == (shipped("zero3.json"), None)  # its own ZeRO-3 checkpoint
+
+
 @pytest.mark.parametrize("name,world,saved", [("zero1.json", 2, None), ("zero2.json", 1, 1), ("zero1.json", 1, 2),
-                                              ("zero2_bf16.json", 1, None), ("zero3.json", 1, None),
+                                              ("zero2_bf16.json", 1, None), ("zero3.json", 2, None),
                                               ("zero3_offload.json", 1, None), ("zero0.json", 1, None)])
-def test_zero0_is_not_built_for_more_ranks_a_zero_checkpoint_bf16_mode_offload_or_zero3(name, world, saved):
+def test_zero0_is_not_built_for_more_ranks_a_zero_checkpoint_bf16_mode_or_offload(name, world, saved):
     assert as_zero0_on_one_rank(shipped(name), world, saved) == (shipped(name), None)
 
 
@@ -85,14 +97,17 @@ KEEP_STAGE = {"deepspeed.one_rank_zero0": "false"}
 
 @pytest.mark.slow
 def test_one_rank_zero_1_and_2_train_with_zero_0s_losses_and_say_so(shards, tmp_path):
-    """Built as ZeRO-0 by default; with deepspeed.one_rank_zero0 false, as ZeRO-1 without overlap and buckets."""
+    """Built as ZeRO-0 by default (ZeRO-3 too); with deepspeed.one_rank_zero0 false, ZeRO-1/2 as ZeRO-1 without
+    overlap and buckets."""
     reference, _ = train_one_rank(tmp_path / "zero0", shards, 0)
     assert len(reference) == 10 and reference[-1]["loss"] < reference[0]["loss"]
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         steps, stdout = train_one_rank(tmp_path / f"zero{stage}", shards, stage)
         assert f"note: ZeRO-{stage} on one rank: built as ZeRO-0" in stdout and ", ZeRO-0, " in stdout
         assert checkpoint.read_record(tmp_path / f"zero{stage}" / "checkpoints" / "step_00000010")["zero_stage"] == 0
         assert [(s["loss"], s["grad_norm"]) for s in steps] == [(s["loss"], s["grad_norm"]) for s in reference]
+        if stage == 3:
+            continue
         steps, stdout = train_one_rank(tmp_path / f"zero{stage}_kept", shards, stage, **KEEP_STAGE)
         assert f"note: ZeRO-{stage} on one data-parallel rank: " in stdout and "overlap_comm false" in stdout
         for ours, theirs in zip(steps, reference, strict=True):
@@ -101,11 +116,11 @@ def test_one_rank_zero_1_and_2_train_with_zero_0s_losses_and_say_so(shards, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,keep", [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize("stage,keep", [(1, False), (2, False), (3, False), (1, True)])
 def test_a_one_rank_checkpoint_resumes_on_2_ranks_at_the_jsons_stage(stage, keep, shards, tmp_path):
     """One rank writes ZeRO-0's checkpoint (ZeRO-1's with one_rank_zero0 false): on 2 ranks at the JSON's
     stage it continues the curve, each rank taking its slice of the optimizer state (through the universal
-    checkpoint for ZeRO-1's)."""
+    checkpoint for ZeRO-1's, and for ZeRO-3 from ZeRO-0's: pretrain.universal_checkpoint.zero0_universal_copy)."""
     from tests.pretrain.test_resume_elastic import TOLERANCE, rewind_to, train
 
     one = tmp_path / "one"
@@ -117,7 +132,7 @@ def test_a_one_rank_checkpoint_resumes_on_2_ranks_at_the_jsons_stage(stage, keep
     run = rewind_to(one, tmp_path / "on2", 4)
     out = train(run, shards, 2, **json_set)
     assert "on one data-parallel rank" not in out and "on one rank" not in out  # two ranks keep the JSON's settings
-    if keep:
+    if keep or stage == 3:
         assert f"(saved on 1 data-parallel ranks, loaded through {run / 'checkpoints' / 'step_00000004' / 'universal'})" in out
     else:
         assert f"(ZeRO-0's checkpoint, loaded into ZeRO-{stage})" in out

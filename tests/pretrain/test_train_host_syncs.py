@@ -24,8 +24,8 @@ def host_reads(run_dir, shards, ds_json, **extra) -> dict:
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_no_step_reads_a_device_value_on_the_host(stage, shards, tmp_path):
-    # one_rank_zero0 false: ZeRO-1/2's own step guard (on one rank their JSONs otherwise run as ZeRO-0, stage 0 here)
-    keep = {"deepspeed.one_rank_zero0": "false"} if stage in (1, 2) else {}
+    # one_rank_zero0 false: ZeRO-1/2/3's own step guard (on one rank their JSONs otherwise run as ZeRO-0, stage 0 here)
+    keep = {"deepspeed.one_rank_zero0": "false"} if stage in (1, 2, 3) else {}
     found = host_reads(tmp_path / "run", shards, f"ds_configs/zero{stage}.json", **keep)
     assert found["on_device"] is True
     # ZeRO-3 records its parameters' fetch order during its first two steps (with host reads)
