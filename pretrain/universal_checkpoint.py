@@ -13,6 +13,7 @@ a ZeRO-1/2 JSON runs as ZeRO-0 (pretrain.ds_config.as_zero0_on_one_rank) and con
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -151,8 +152,13 @@ def zero0_universal_copy(folder: Path, parameter_names: list[list[str]]) -> Path
         print(f"converting {folder} (ZeRO-0's) to DeepSpeed's universal checkpoint format for ZeRO-3", flush=True)
         try:
             _write_zero0_universal(folder, target, parameter_names)
-        except (LmforgeError, OSError, RuntimeError, KeyError, ValueError) as err:
+        except LmforgeError as err:
             failure = str(err)
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as err:
+            failure = (f"{folder}: could not be read into a universal copy for ZeRO-3 ({type(err).__name__}: "
+                       f"{(str(err).strip().splitlines() or [''])[0][:300]})")
+        finally:
+            shutil.rmtree(folder / f"{UNIVERSAL_DIR}.partial", ignore_errors=True)
     failure = distributed.broadcast_object(failure)
     if failure:
         raise LmforgeError(failure)

@@ -1,0 +1,70 @@
+"""pretrain.universal_checkpoint.zero0_universal_copy: ZeRO-0's one checkpoint file written in the universal layout
+DeepSpeed's ZeRO-3 loader reads (the 2-rank resume itself: tests/pretrain/test_one_rank_zero.py)."""
+import pytest
+import torch
+
+from lmforge.errors import LmforgeError
+from pretrain.universal_checkpoint import zero0_universal_copy
+
+NAMES = [["w", "v"], ["b"]]
+
+
+def zero0_checkpoint(folder, step=7.0):
+    """A ZeRO-0 model-states file as DeepSpeed writes it: the module, torch AdamW's state and the engine's own state."""
+    gen = torch.Generator().manual_seed(0)
+    module = {"w": torch.randn(4, 3, generator=gen), "v": torch.randn(3, 3, generator=gen), "b": torch.randn(3, generator=gen)}
+    state = {i: {"step": torch.tensor(step), "exp_avg": torch.randn(module[n].shape, generator=gen),
+                 "exp_avg_sq": torch.rand(module[n].shape, generator=gen)} for i, n in enumerate(["w", "v", "b"])}
+    groups = [{"weight_decay": 0.1, "name": "decay", "lr": 2e-4, "betas": (0.9, 0.95), "params": [0, 1]},
+              {"weight_decay": 0.0, "name": "no_decay", "lr": 2e-4, "betas": (0.9, 0.95), "params": [2]}]
+    folder.mkdir(parents=True)
+    saved = {"module": module, "optimizer": {"state": state, "param_groups": groups}, "lr_scheduler": {"last_batch_iteration": 6},
+             "global_steps": 7, "dp_world_size": 1, "mp_world_size": 1, "step": 7, "seed": 1234}
+    torch.save(saved, folder / "mp_rank_00_model_states.pt")
+    return saved
+
+
+def test_each_parameter_is_written_whole_with_its_moments_and_the_engine_state_without_the_weights(tmp_path):
+    folder = tmp_path / "step_00000007"
+    saved = zero0_checkpoint(folder)
+    target = zero0_universal_copy(folder, NAMES)
+    assert target == folder / "universal" and not (folder / "universal.partial").exists()
+    out = target / "step_00000007"
+    for index, name in enumerate(["w", "v", "b"]):
+        assert torch.equal(torch.load(out / "zero" / name / "fp32.pt")["param"], saved["module"][name])
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(torch.load(out / "zero" / name / f"{key}.pt")["param"], saved["optimizer"]["state"][index][key])
+    optimizer_state = torch.load(out / "zero" / "optimizer_state.pt")
+    assert optimizer_state["zero_stage"] == 3
+    assert [g["weight_decay"] for g in optimizer_state["optimizer_state_dict"]["param_groups"]] == [0.1, 0.0]  # each group its own
+    assert float(optimizer_state["optimizer_state_dict"]["state"][0]["step"]) == 7.0
+    engine = torch.load(out / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    assert engine["module"] == {} and "optimizer" not in engine
+    assert (engine["lr_scheduler"], engine["global_steps"], engine["step"], engine["seed"]) == ({"last_batch_iteration": 6}, 7, 7, 1234)
+    assert zero0_universal_copy(folder, NAMES) == target  # written once: a second resume reads it as it is
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("truncated", "could not be read into a universal copy for ZeRO-3 ("),
+    ("missing", "no mp_rank_00_model_states.pt"),
+    ("other groups", "2 optimizer groups saved, 1 here"),
+    ("other model", "no weight or torch AdamW state saved for u"),
+])
+def test_a_checkpoint_that_does_not_fit_is_one_line_naming_it_and_leaves_no_copy(tmp_path, damage, expected):
+    folder = tmp_path / "step_00000007"
+    zero0_checkpoint(folder)
+    names = NAMES
+    file = folder / "mp_rank_00_model_states.pt"
+    if damage == "truncated":
+        file.write_bytes(file.read_bytes()[:200])
+    elif damage == "missing":
+        file.unlink()
+    elif damage == "other groups":
+        names = [["w", "v", "b"]]
+    else:
+        names = [["w", "u"], ["b"]]
+    with pytest.raises(LmforgeError) as err:
+        zero0_universal_copy(folder, names)
+    message = str(err.value)
+    assert message.startswith(str(folder)) and expected in message and "\n" not in message
+    assert sorted(p.name for p in folder.iterdir()) == ([] if damage == "missing" else ["mp_rank_00_model_states.pt"])
