@@ -69,10 +69,11 @@ def test_ppo_against_a_trained_reward_model_with_the_critic_from_it(tiny_corpus_
     prompt_file = write_jsonl(tmp_path / "prompts.jsonl", prompts(128, seed=0))
     sets = ppo_sets(tokenizer, tmp_path / "ppo", prompt_file, **{
         "ppo.reward_run": tmp_path / "reward", "ppo.reward_function": "null", "ppo.monitor_function": "digit_fraction",
-        "ppo.kl_target": 2.0, "ppo.kl_horizon": 200, "train.max_steps": 12})
+        "ppo.kl_target": 2.0, "ppo.kl_horizon": 200, "train.max_steps": 20})
     records = run_ok("ppo", sets)
     rewards = [r["reward"] for r in records]  # the reward model's scores (it prefers digits)
-    assert sum(rewards[6:]) / 6 > sum(rewards[:6]) / 6 + 0.05, rewards
+    # 20 steps: over 12 the rise (+0.03 in a fresh environment of 2026-12-04) was inside the step-to-step noise (~0.07)
+    assert sum(rewards[-6:]) / 6 > sum(rewards[:6]) / 6 + 0.05, rewards
     assert all(r["value_loss"] < 1.0 for r in records)  # the critic starts from the reward model, not from zero
     kl_coefs = [r["kl_coef"] for r in records]
     assert kl_coefs[0] == KL_COEF and kl_coefs[-1] < KL_COEF  # adaptive: the KL stayed below its target of 2
