@@ -7,8 +7,9 @@ loaded on any number of ranks with `"checkpoint": {"load_universal": true}` in t
 DeepSpeed's own converter (`deepspeed.checkpoint.ds_to_universal`) once per checkpoint, on the
 main rank, into RUN_DIR/checkpoints/<tag>/universal/<tag>/ (so pruning the tag removes it too).
 ZeRO-0 checkpoints hold the whole optimizer state and load on any number of ranks as they are; ZeRO-1/2
-load them too (`load_zero0_optimizer_state`: each rank takes its slice of every state): a one-rank run of
-a ZeRO-1/2 JSON runs as ZeRO-0 (pretrain.ds_config.as_zero0_on_one_rank) and continues on more ranks.
+load them too (`load_zero0_optimizer_state`: each rank takes its slice of every state), and ZeRO-3 from a
+universal copy written from ZeRO-0's file (`zero0_universal_copy`): a one-rank run of a ZeRO-1/2/3 JSON runs
+as ZeRO-0 (pretrain.ds_config.as_zero0_on_one_rank) and continues on more ranks.
 """
 from __future__ import annotations
 
@@ -128,8 +129,6 @@ def universal_copy(folder: Path) -> Path:
     return target
 
 
-
-
 def loads_zero0_into_zero3(record: dict[str, Any], zero_stage: int) -> bool:
     """True when `record`'s checkpoint is ZeRO-0's and the run here is ZeRO-3 (`zero0_universal_copy`)."""
     return record.get("zero_stage") == 0 and zero_stage == 3
@@ -171,8 +170,8 @@ def _write_zero0_universal(folder: Path, target: Path, parameter_names: list[lis
         raise LmforgeError(f"{folder}: no mp_rank_00_model_states.pt (ZeRO-0's checkpoint file); resume it with ds_configs/zero0.json")
     saved = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
     module, optimizer = saved.get("module"), saved.get("optimizer")
-    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
-        raise LmforgeError(f"{folder}: a ZeRO-0 checkpoint without a torch optimizer state; resume it with ds_configs/zero0.json")
+    if not isinstance(module, dict) or not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
+        raise LmforgeError(f"{folder}: a ZeRO-0 checkpoint without its module or torch optimizer state; resume it with ds_configs/zero0.json")
     if len(optimizer["param_groups"]) != len(parameter_names):
         raise LmforgeError(f"{folder}: {len(optimizer['param_groups'])} optimizer groups saved, {len(parameter_names)} here; "
                            "resume it with ds_configs/zero0.json")
@@ -193,7 +192,7 @@ def _write_zero0_universal(folder: Path, target: Path, parameter_names: list[lis
             (out / "zero" / name).mkdir(parents=True)
             for key, tensor in (("fp32", weight), ("exp_avg", entry["exp_avg"]), ("exp_avg_sq", entry["exp_avg_sq"])):
                 torch.save({"param": tensor.to(torch.float32).clone()}, out / "zero" / name / f"{key}.pt")
-    groups = [{key: value for key, value in group.items()} for group in optimizer["param_groups"]]
+    groups = [dict(group) for group in optimizer["param_groups"]]
     step = torch.as_tensor(step, dtype=torch.float32).clone()
     torch.save({"zero_stage": 3, "param_groups": groups, "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
                out / "zero" / "optimizer_state.pt")
