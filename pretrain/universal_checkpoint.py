@@ -34,6 +34,31 @@ def loads_zero0_into_zero(record: dict[str, Any], zero_stage: int) -> bool:
     return record.get("zero_stage") == 0 and zero_stage in (1, 2)
 
 
+def saved_adam_entries(saved: Any, shapes: list[list[torch.Size]], folder: Path) -> list[list[dict[str, Any] | None]]:
+    """The torch AdamW state dict `saved` of ZeRO-0's checkpoint `folder`, checked against the shapes of each
+    optimizer group's parameters here: each parameter's entry (step, exp_avg, exp_avg_sq; None for one that
+    never stepped), group by group in the saved order."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or not isinstance(saved.get("param_groups"), list):
+        raise LmforgeError(f"{folder}: a ZeRO-0 checkpoint without a torch optimizer state; resume it with ds_configs/zero0.json")
+    if len(saved["param_groups"]) != len(shapes):
+        raise LmforgeError(f"{folder}: {len(saved['param_groups'])} optimizer groups saved, {len(shapes)} here; "
+                           "resume it with ds_configs/zero0.json")
+    found = []
+    for group_shapes, saved_group in zip(shapes, saved["param_groups"]):
+        indices = saved_group.get("params", [])
+        if len(indices) != len(group_shapes):
+            raise LmforgeError(f"{folder}: an optimizer group of {len(indices)} parameters saved, {len(group_shapes)} here; "
+                               "resume it with ds_configs/zero0.json")
+        entries = [saved["state"].get(index) for index in indices]
+        if any(entry is not None and (not isinstance(entry, dict) or any(
+                not torch.is_tensor(entry.get(key)) or tuple(entry[key].shape) != tuple(shape) for key in ("exp_avg", "exp_avg_sq")))
+               for entry, shape in zip(entries, group_shapes)):
+            raise LmforgeError(f"{folder}: its optimizer state is not torch AdamW's for these parameters; "
+                               "resume it with ds_configs/zero0.json")
+        found.append(entries)
+    return found
+
+
 def load_zero0_optimizer_state(zero, saved: Any, groups: list[list[torch.nn.Parameter]], folder: Path) -> None:
     """Gives DeepSpeed's ZeRO-1/2 optimizer `zero` the torch AdamW state `saved` of a ZeRO-0 checkpoint.
 
@@ -43,23 +68,11 @@ def load_zero0_optimizer_state(zero, saved: Any, groups: list[list[torch.nn.Para
     elements [r * size, (r + 1) * size): each moment is flattened and sliced the same way. The groups'
     values (the lr the scheduler set for the next step, betas, weight decay) are the saved ones, as
     DeepSpeed's universal loader does."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict) or not isinstance(saved.get("param_groups"), list):
-        raise LmforgeError(f"{folder}: a ZeRO-0 checkpoint without a torch optimizer state; resume it with ds_configs/zero0.json")
-    if len(saved["param_groups"]) != len(groups) or len(zero.round_robin_bit16_groups) != len(groups):
+    saved_entries = saved_adam_entries(saved, [[p.shape for p in params] for params in groups], folder)
+    if len(zero.round_robin_bit16_groups) != len(groups):
         raise LmforgeError(f"{folder}: {len(saved['param_groups'])} optimizer groups saved, {len(groups)} here; "
                            "resume it with ds_configs/zero0.json")
-    entry_of: dict[int, dict[str, Any]] = {}
-    for params, saved_group in zip(groups, saved["param_groups"]):
-        indices = saved_group.get("params", [])
-        if len(indices) != len(params):
-            raise LmforgeError(f"{folder}: an optimizer group of {len(indices)} parameters saved, {len(params)} here; "
-                               "resume it with ds_configs/zero0.json")
-        for param, index in zip(params, indices):
-            entry = saved["state"].get(index)
-            if entry is not None and any(key not in entry or tuple(entry[key].shape) != tuple(param.shape) for key in ("exp_avg", "exp_avg_sq")):
-                raise LmforgeError(f"{folder}: its optimizer state is not torch AdamW's for these parameters; "
-                                   "resume it with ds_configs/zero0.json")
-            entry_of[id(param)] = entry
+    entry_of = {id(param): entry for params, entries in zip(groups, saved_entries) for param, entry in zip(params, entries)}
     for i, params in enumerate(zero.round_robin_bit16_groups):
         ranks, rank = zero.partition_count[i], torch.distributed.get_rank(group=zero.real_dp_process_group[i])
         entries = [entry_of.get(id(p)) for p in params]
@@ -170,30 +183,25 @@ def _write_zero0_universal(folder: Path, target: Path, parameter_names: list[lis
         raise LmforgeError(f"{folder}: no mp_rank_00_model_states.pt (ZeRO-0's checkpoint file); resume it with ds_configs/zero0.json")
     saved = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
     module, optimizer = saved.get("module"), saved.get("optimizer")
-    if not isinstance(module, dict) or not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
-        raise LmforgeError(f"{folder}: a ZeRO-0 checkpoint without its module or torch optimizer state; resume it with ds_configs/zero0.json")
-    if len(optimizer["param_groups"]) != len(parameter_names):
-        raise LmforgeError(f"{folder}: {len(optimizer['param_groups'])} optimizer groups saved, {len(parameter_names)} here; "
-                           "resume it with ds_configs/zero0.json")
+    if not isinstance(module, dict):
+        raise LmforgeError(f"{folder}: a ZeRO-0 checkpoint without its module state; resume it with ds_configs/zero0.json")
+    missing = [name for names in parameter_names for name in names if not torch.is_tensor(module.get(name))]
+    if missing:
+        raise LmforgeError(f"{folder}: no weight or torch AdamW state saved for {missing[0]}; resume it with ds_configs/zero0.json")
+    entries = saved_adam_entries(optimizer, [[module[name].shape for name in names] for names in parameter_names], folder)
+    unstepped = [name for names, group in zip(parameter_names, entries) for name, entry in zip(names, group) if entry is None]
+    if unstepped:
+        raise LmforgeError(f"{folder}: no weight or torch AdamW state saved for {unstepped[0]}; resume it with ds_configs/zero0.json")
     partial = folder / f"{UNIVERSAL_DIR}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     out = partial / folder.name
-    step = None
-    for names, group in zip(parameter_names, optimizer["param_groups"]):
-        if len(group.get("params", [])) != len(names):
-            raise LmforgeError(f"{folder}: an optimizer group of {len(group.get('params', []))} parameters saved, {len(names)} here; "
-                               "resume it with ds_configs/zero0.json")
-        for name, index in zip(names, group["params"]):
-            weight, entry = module.get(name), optimizer["state"].get(index)
-            if weight is None or not isinstance(entry, dict) or any(
-                    not torch.is_tensor(entry.get(key)) or entry[key].shape != weight.shape for key in ("exp_avg", "exp_avg_sq")):
-                raise LmforgeError(f"{folder}: no weight or torch AdamW state saved for {name}; resume it with ds_configs/zero0.json")
-            step = entry["step"] if step is None else step
+    for names, group in zip(parameter_names, entries):
+        for name, entry in zip(names, group):
             (out / "zero" / name).mkdir(parents=True)
-            for key, tensor in (("fp32", weight), ("exp_avg", entry["exp_avg"]), ("exp_avg_sq", entry["exp_avg_sq"])):
+            for key, tensor in (("fp32", module[name]), ("exp_avg", entry["exp_avg"]), ("exp_avg_sq", entry["exp_avg_sq"])):
                 torch.save({"param": tensor.to(torch.float32).clone()}, out / "zero" / name / f"{key}.pt")
+    step = torch.as_tensor(next(entry for group in entries for entry in group)["step"], dtype=torch.float32).clone()
     groups = [dict(group) for group in optimizer["param_groups"]]
-    step = torch.as_tensor(step, dtype=torch.float32).clone()
     torch.save({"zero_stage": 3, "param_groups": groups, "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
                out / "zero" / "optimizer_state.pt")
     # The engine's state (scheduler, step counts, lmforge's client state) without what zero/ now holds.

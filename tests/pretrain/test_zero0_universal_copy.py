@@ -68,3 +68,4 @@ def test_a_checkpoint_that_does_not_fit_is_one_line_naming_it_and_leaves_no_copy
     message = str(err.value)
     assert message.startswith(str(folder)) and expected in message and "\n" not in message
     assert sorted(p.name for p in folder.iterdir()) == ([] if damage == "missing" else ["mp_rank_00_model_states.pt"])
+
