@@ -160,7 +160,9 @@ def zero0_universal_copy(folder: Path, parameter_names: list[list[str]]) -> Path
     model-states file; every rank then takes its slice of each."""
     target = folder / UNIVERSAL_DIR
     failure = None
-    if distributed.is_main() and not target.is_dir():
+    if distributed.is_main() and (target.exists() or target.is_symlink()) and not target.is_dir():
+        failure = f"{target}: exists and is not a universal checkpoint folder; move it out of the checkpoint to resume at ZeRO-3"
+    elif distributed.is_main() and not target.is_dir():
         print(f"converting {folder} (ZeRO-0's) to DeepSpeed's universal checkpoint format for ZeRO-3", flush=True)
         try:
             _write_zero0_universal(folder, target, parameter_names)

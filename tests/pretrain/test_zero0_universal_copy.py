@@ -69,3 +69,31 @@ def test_a_checkpoint_that_does_not_fit_is_one_line_naming_it_and_leaves_no_copy
     assert message.startswith(str(folder)) and expected in message and "\n" not in message
     assert sorted(p.name for p in folder.iterdir()) == ([] if damage == "missing" else ["mp_rank_00_model_states.pt"])
 
+
+def test_the_copy_goes_beside_the_checkpoints_files_and_never_over_what_is_already_there(tmp_path):
+    """It reads ZeRO-0's file and writes only universal/ (through universal.partial): the checkpoint's own files
+    keep their bytes; a universal/ folder already there is used as it is, a file of that name is refused."""
+    folder = tmp_path / "step_00000007"
+    zero0_checkpoint(folder)
+    (folder / "COMPLETE").write_text("{}")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    zero0_universal_copy(folder, NAMES)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*before, "universal"])
+
+    other = tmp_path / "step_00000008"
+    zero0_checkpoint(other)
+    (other / "universal").mkdir()
+    (other / "universal" / "notes.txt").write_text("someone's")
+    assert zero0_universal_copy(other, NAMES) == other / "universal"
+    assert [p.name for p in (other / "universal").iterdir()] == ["notes.txt"]
+    assert (other / "universal" / "notes.txt").read_text() == "someone's"
+
+    third = tmp_path / "step_00000009"
+    zero0_checkpoint(third)
+    (third / "universal").write_text("someone's")
+    with pytest.raises(LmforgeError, match="universal: exists and is not a universal checkpoint folder") as err:
+        zero0_universal_copy(third, NAMES)
+    assert "\n" not in str(err.value)
+    assert (third / "universal").read_text() == "someone's"
+    assert sorted(p.name for p in third.iterdir()) == ["mp_rank_00_model_states.pt", "universal"]
