@@ -27,7 +27,7 @@ import torch
 from data_prep.manifest import load_manifest
 from lmforge.errors import LmforgeError, run_cli
 from pretrain.config import PretrainConfig, TrainConfig, load_pretrain_config, resolve_repo_path
-from pretrain.dataset import build_dataset
+from data_prep.packed_dataset import build_dataset
 from pretrain.model import Transformer
 
 

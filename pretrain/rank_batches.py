@@ -28,7 +28,7 @@ class TrainingData:
     """The train and valid datasets, and the batch each rank reads."""
 
     def __init__(self, data: DataConfig, seq_len: int, seed: int, rank: int, world_size: int):
-        from pretrain.dataset import build_dataset
+        from data_prep.packed_dataset import build_dataset
 
         paths = [resolve_repo_path(p) for p in data.path]
         self.rank, self.world_size = rank, world_size

@@ -171,7 +171,7 @@ def _deepspeed(config: PretrainConfig, world_size: int | None, found: LaunchChec
 def _datasets(config: PretrainConfig, found: LaunchCheck) -> None:
     """Opens the shards as training will (index against .bin: dtype, sizes, windows); a valid split
     too small for one sequence is a note (evaluation is skipped), not an error."""
-    from pretrain.dataset import build_dataset
+    from data_prep.packed_dataset import build_dataset
 
     paths = [resolve_repo_path(p) for p in config.data.path]
     seq_len, seed = config.train.seq_len, config.train.seed

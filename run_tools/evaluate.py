@@ -71,7 +71,7 @@ class SplitWindows:
     """Window w of a split: tokens [w * seq_len, w * seq_len + seq_len + 1), the last one possibly shorter."""
 
     def __init__(self, shard_dir: Path, split: str, seq_len: int):
-        from pretrain.dataset import PackedDataset
+        from data_prep.packed_dataset import PackedDataset
 
         self.data = PackedDataset(shard_dir, split, seq_len, seed=0)
         self.seq_len = seq_len

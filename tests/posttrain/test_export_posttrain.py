@@ -14,7 +14,7 @@ from lmforge.errors import run_cli
 from posttrain.job import starting_state
 from pretrain import checkpoint
 from run_tools import evaluate, export_hf, generate
-from pretrain.dataset import PackedDataset
+from data_prep.packed_dataset import PackedDataset
 from run_tools.run_config import load_checked_model
 from tests.posttrain.runs import run_ok, tiny_model_sets, write_jsonl
 from tests.posttrain.synthetic import prompts, separable_pairs

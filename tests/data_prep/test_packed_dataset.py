@@ -6,10 +6,10 @@ import pytest
 from data_prep.corpus import CorpusSpec
 from data_prep.indexed_dataset import IndexedDataset
 from data_prep.manifest import load_manifest
+from data_prep.packed_dataset import BlendedDataset, FeistelPermutation, PackedDataset, build_dataset
 from data_prep.shards import ShardOptions, build_shards
 from data_prep.tokenizer import TokenizerOptions, train_tokenizer
 from lmforge.errors import LmforgeError
-from pretrain.dataset import BlendedDataset, FeistelPermutation, PackedDataset, build_dataset
 
 SEQ_LEN = 64
 
@@ -232,18 +232,3 @@ def test_blended_samples_equal_samples_one_by_one(tiny_corpus_shards, one_docume
         assert [(int(d), int(k)) for d, k in zip(datasets, indices)] == [blend.source(first + j) for j in range(count)]
         read |= set(datasets.tolist())
     assert read == {0, 1}
-
-
-def test_train_and_valid_batches_are_the_rows_of_their_global_indices(tiny_corpus_shards):
-    import torch
-
-    from pretrain.config import DataConfig, TrainConfig
-    from pretrain.rank_batches import TrainingData
-
-    train = TrainConfig(micro_batch_size=4, grad_accum_steps=2, seq_len=SEQ_LEN)
-    data = TrainingData(DataConfig(path=(tiny_corpus_shards.shard_dir,)), SEQ_LEN, seed=6, rank=1, world_size=2)
-    for step, micro in [(0, 0), (0, 1), (500, 1)]:
-        batch = data.train_batch(step, micro, train)
-        first = step * 16 + micro * 8 + 4  # global batch 4 x 2 x 2; rank 1 reads the second 4 of each 8
-        assert batch.dtype == torch.int64 and np.array_equal(batch.numpy(), per_sample(data.train, first, 4))
-    assert np.array_equal(data.valid_batch(3, train).numpy(), per_sample(data.valid, 3 * 8 + 4, 4))
