@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from data_prep.packed_dataset import PackedDataset
 from lmforge.errors import run_cli
 from posttrain.job import starting_state
 from pretrain import checkpoint
 from run_tools import evaluate, export_hf, generate
-from data_prep.packed_dataset import PackedDataset
 from run_tools.run_config import load_checked_model
 from tests.posttrain.runs import run_ok, tiny_model_sets, write_jsonl
 from tests.posttrain.synthetic import prompts, separable_pairs

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from data_prep.packed_dataset import PackedDataset
 from lmforge.errors import run_cli
 from run_tools import export_hf
-from data_prep.packed_dataset import PackedDataset
 from run_tools.run_config import load_checked_model
 from tests.pretrain.training_runs import REPO, run_env, run_training
 
