@@ -3,7 +3,7 @@
     python -m bench.reference_loop --config tiny --set train.max_steps=50 --ranks 2 --output ref.jsonl
 
 Same initial weights (train.seed, then the model built as pretrain.train's Trainer builds it), the
-same batches (the global order of data_prep/packed_dataset.py: sample `s * global_batch + k` is the
+same batches (the global order of pretrain/rank_batches.py: sample `s * global_batch + k` is the
 k-th of step s, global_batch = micro_batch_size x grad_accum_steps x --ranks), torch.optim.AdamW
 with lmforge's decay groups, its schedule and gradient clipping. One process holds the whole
 global batch; a micro-batch is the `--ranks` ranks' micro-batches together, so its mean loss is
