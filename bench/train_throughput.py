@@ -233,6 +233,7 @@ def measure_loop(config: ModelConfig, json_name: str, args, device, compile_mode
 
     `json_name` is a ds_configs/ stem, optionally followed by `:SET+SET` overrides of the config
     (e.g. `zero0:train.compile_scope=blocks`)."""
+    row = json_name  # the whole row name: two rows of one JSON keep their own profile and trace
     json_name, _, extra = json_name.partition(":")
     import tempfile
 
@@ -252,9 +253,9 @@ def measure_loop(config: ModelConfig, json_name: str, args, device, compile_mode
         trainer = Trainer(prepare(cfg, 1, verify_checksums=False), _init())
         trainer.save = lambda: None  # the benchmark times training steps, not checkpoint writes
         if args.find_syncs and device.type == "cuda":
-            trainer.train_step = _sync_finder(trainer.train_step, range(warmup + 1, warmup + 4), json_name)
+            trainer.train_step = _sync_finder(trainer.train_step, range(warmup + 1, warmup + 4), row)
         if (args.profile or args.trace) and device.type == "cuda":
-            trainer.train_step = _step_profiler(trainer.train_step, range(warmup + 5, warmup + 10), json_name, args.trace)
+            trainer.train_step = _step_profiler(trainer.train_step, range(warmup + 5, warmup + 10), row, args.trace)
         input_seconds = _time_input_pipeline(trainer)
         waits = _time_gpu_waits(trainer)
         trainer.run()
@@ -357,13 +358,18 @@ def _step_profiler(train_step, steps: range, name: str, trace_dir: Path | None =
     return step_with_profile
 
 
+def trace_file_name(row: str) -> str:
+    """The trace file of a row: "raw" -> raw.json.gz, "zero0:train.compile_scope=blocks" -> loop-zero0-train.compile_scope-blocks.json.gz."""
+    stem = "loop-" + row.replace(":", "-").replace("=", "-").replace("+", "-").replace("/", "-") if row != "raw" else "raw"
+    return f"{stem}.json.gz"
+
+
 def _write_trace(prof, trace_dir: Path, name: str, steps: int) -> None:
     from bench.trace_summary import summarise
     from lmforge import ownership
 
     ownership.claim(trace_dir, "bench-trace", "bench.train_throughput")  # judged by main before any row ran
-    stem = "loop-" + name.replace(":", "-").replace("=", "-").replace("+", "-").replace("/", "-") if name != "raw" else "raw"
-    path = trace_dir / f"{stem}.json.gz"
+    path = trace_dir / trace_file_name(name)
     prof.export_chrome_trace(str(path))  # torch gzips a .gz path
     print(summarise(path, steps), flush=True)
 

@@ -84,3 +84,13 @@ def test_deepcompile_rows_run_after_the_others_in_the_order_given():
     # ds_configs/zero3.json turns DeepCompile on; zero2.json and the synthetic rows do not
     variants = ["raw", "loop:zero3", "loop:zero2", "loop:zero3:train.seed=2", "zero3", "loop:zero0"]
     assert deepcompile_last(variants) == ["raw", "loop:zero2", "zero3", "loop:zero0", "loop:zero3", "loop:zero3:train.seed=2"]
+
+
+def test_two_rows_of_one_json_write_their_traces_to_two_files():
+    """An H200 run of zero0 and zero0:train.compile_scope=blocks with --trace left one file: the second row's
+    trace had been named after the JSON alone and replaced the first."""
+    from bench.train_throughput import trace_file_name
+
+    names = [trace_file_name(row) for row in ("raw", "zero0", "zero0:train.compile_scope=blocks", "zero0:train.compile_mode=reduce-overhead")]
+    assert names[:2] == ["raw.json.gz", "loop-zero0.json.gz"]
+    assert len(set(names)) == len(names) and all("/" not in n for n in names)
