@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -112,34 +112,48 @@ def _workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def _convert(folder: Path, target: Path) -> None:
-    partial = folder / f"{UNIVERSAL_DIR}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+def _ds_to_universal(folder: Path, out: Path) -> None:
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
-           "--output_folder", str(partial / folder.name), "--num_extract_workers", str(_workers()),
+           "--output_folder", str(out), "--num_extract_workers", str(_workers()),
            "--num_merge_workers", str(_workers()), "--inject_missing_state"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        shutil.rmtree(partial, ignore_errors=True)
         tail = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
         raise RuntimeError(f"{folder}: DeepSpeed's ds_to_universal failed ({tail})")
-    os.replace(partial, target)
 
 
-def universal_copy(folder: Path) -> Path:
-    """The directory DeepSpeed loads `folder`'s tag from in universal format (converted on first use)."""
+def _written_once(folder: Path, notice: str, write: Callable[[Path], None], failed: Callable[[Exception], str]) -> Path:
+    """`folder`/universal/, written by the main rank on first use: `write(out)` fills `out`
+    (universal.partial/<tag>/), renamed into place once whole and removed if not. A universal/ folder
+    already there is used as it is; anything else of that name is refused. `failed` words a write's
+    error; every rank raises the main rank's failure as one LmforgeError."""
     target = folder / UNIVERSAL_DIR
+    partial = folder / f"{UNIVERSAL_DIR}.partial"
     failure = None
-    if distributed.is_main() and not target.is_dir():
-        print(f"converting {folder} to DeepSpeed's universal checkpoint format (a different number of ranks)", flush=True)
+    if distributed.is_main() and (target.exists() or target.is_symlink()) and not target.is_dir():
+        failure = f"{target}: exists and is not a universal checkpoint folder; move it out of the checkpoint to resume"
+    elif distributed.is_main() and not target.is_dir():
+        print(notice, flush=True)
+        shutil.rmtree(partial, ignore_errors=True)
         try:
-            _convert(folder, target)
-        except (RuntimeError, OSError) as err:
+            write(partial / folder.name)
+            os.replace(partial, target)
+        except LmforgeError as err:
             failure = str(err)
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as err:
+            failure = failed(err)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     failure = distributed.broadcast_object(failure)
     if failure:
         raise LmforgeError(failure)
     return target
+
+
+def universal_copy(folder: Path) -> Path:
+    """The directory DeepSpeed loads `folder`'s tag from in universal format (converted on first use)."""
+    return _written_once(folder, f"converting {folder} to DeepSpeed's universal checkpoint format (a different number of ranks)",
+                         lambda out: _ds_to_universal(folder, out), str)
 
 
 def loads_zero0_into_zero3(record: dict[str, Any], zero_stage: int) -> bool:
@@ -158,28 +172,15 @@ def zero0_universal_copy(folder: Path, parameter_names: list[list[str]]) -> Path
     holds each parameter whole, `zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt`, the groups and step in
     `zero/optimizer_state.pt`, and the engine's own state (scheduler, step counts, client state) in ZeRO-3's
     model-states file; every rank then takes its slice of each."""
-    target = folder / UNIVERSAL_DIR
-    failure = None
-    if distributed.is_main() and (target.exists() or target.is_symlink()) and not target.is_dir():
-        failure = f"{target}: exists and is not a universal checkpoint folder; move it out of the checkpoint to resume at ZeRO-3"
-    elif distributed.is_main() and not target.is_dir():
-        print(f"converting {folder} (ZeRO-0's) to DeepSpeed's universal checkpoint format for ZeRO-3", flush=True)
-        try:
-            _write_zero0_universal(folder, target, parameter_names)
-        except LmforgeError as err:
-            failure = str(err)
-        except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as err:
-            failure = (f"{folder}: could not be read into a universal copy for ZeRO-3 ({type(err).__name__}: "
-                       f"{(str(err).strip().splitlines() or [''])[0][:300]})")
-        finally:
-            shutil.rmtree(folder / f"{UNIVERSAL_DIR}.partial", ignore_errors=True)
-    failure = distributed.broadcast_object(failure)
-    if failure:
-        raise LmforgeError(failure)
-    return target
+    def failed(err: Exception) -> str:
+        return (f"{folder}: could not be read into a universal copy for ZeRO-3 ({type(err).__name__}: "
+                f"{(str(err).strip().splitlines() or [''])[0][:300]})")
+
+    return _written_once(folder, f"converting {folder} (ZeRO-0's) to DeepSpeed's universal checkpoint format for ZeRO-3",
+                         lambda out: _write_zero0_universal(folder, out, parameter_names), failed)
 
 
-def _write_zero0_universal(folder: Path, target: Path, parameter_names: list[list[str]]) -> None:
+def _write_zero0_universal(folder: Path, out: Path, parameter_names: list[list[str]]) -> None:
     source = folder / "mp_rank_00_model_states.pt"
     if not source.is_file():
         raise LmforgeError(f"{folder}: no mp_rank_00_model_states.pt (ZeRO-0's checkpoint file); resume it with ds_configs/zero0.json")
@@ -194,9 +195,6 @@ def _write_zero0_universal(folder: Path, target: Path, parameter_names: list[lis
     unstepped = [name for names, group in zip(parameter_names, entries) for name, entry in zip(names, group) if entry is None]
     if unstepped:
         raise LmforgeError(f"{folder}: no weight or torch AdamW state saved for {unstepped[0]}; resume it with ds_configs/zero0.json")
-    partial = folder / f"{UNIVERSAL_DIR}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    out = partial / folder.name
     for names, group in zip(parameter_names, entries):
         for name, entry in zip(names, group):
             (out / "zero" / name).mkdir(parents=True)
@@ -209,4 +207,3 @@ def _write_zero0_universal(folder: Path, target: Path, parameter_names: list[lis
     # The engine's state (scheduler, step counts, lmforge's client state) without what zero/ now holds.
     engine_state = {key: value for key, value in saved.items() if key not in ("module", "optimizer")}
     torch.save({**engine_state, "module": {}}, out / "zero_pp_rank_0_mp_rank_00_model_states.pt")
-    os.replace(partial, target)

@@ -1,5 +1,5 @@
-"""pretrain.universal_checkpoint.zero0_universal_copy: ZeRO-0's one checkpoint file written in the universal layout
-DeepSpeed's ZeRO-3 loader reads (the 2-rank resume itself: tests/pretrain/test_one_rank_zero.py)."""
+"""pretrain.universal_checkpoint: zero0_universal_copy writes ZeRO-0's one checkpoint file in the universal layout
+DeepSpeed's ZeRO-3 loader reads (the 2-rank resume itself: tests/pretrain/test_one_rank_zero.py); both conversions write universal/ alike."""
 import pytest
 import torch
 
@@ -97,3 +97,17 @@ def test_the_copy_goes_beside_the_checkpoints_files_and_never_over_what_is_alrea
     assert "\n" not in str(err.value)
     assert (third / "universal").read_text() == "someone's"
     assert sorted(p.name for p in third.iterdir()) == ["mp_rank_00_model_states.pt", "universal"]
+
+
+def test_ds_to_universal_copy_refuses_a_file_named_universal_before_it_converts(tmp_path, capsys):
+    """The ZeRO-1/2/3 conversion (universal_copy, DeepSpeed's ds_to_universal) shares the copy's writing: a file of
+    that name is someone's, refused in one line before the converter runs."""
+    from pretrain.universal_checkpoint import universal_copy
+
+    folder = tmp_path / "step_00000005"
+    folder.mkdir()
+    (folder / "universal").write_text("someone's")
+    with pytest.raises(LmforgeError, match="universal: exists and is not a universal checkpoint folder") as err:
+        universal_copy(folder)
+    assert "\n" not in str(err.value) and "converting" not in capsys.readouterr().out
+    assert (folder / "universal").read_text() == "someone's" and [p.name for p in folder.iterdir()] == ["universal"]
