@@ -2,15 +2,9 @@
 import numpy as np
 import torch
 
-from data_prep.packed_dataset import PackedDataset
 from pretrain.config import DataConfig, TrainConfig
 from pretrain.rank_batches import TrainingData
-
-SEQ_LEN = 64
-
-
-def per_sample(ds: PackedDataset, first: int, count: int) -> np.ndarray:
-    return np.stack([ds.sample(first + k) for k in range(count)])
+from tests.data_prep.test_packed_dataset import SEQ_LEN, per_sample
 
 
 def test_train_and_valid_batches_are_the_rows_of_their_global_indices(tiny_corpus_shards):
