@@ -39,6 +39,15 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_embeddin
     ]
 
 
+def parameter_group_names(config: ModelConfig, decay_embeddings: bool = False) -> list[list[str]]:
+    """The parameter names of each of `parameter_groups`' groups for a Transformer(config), in the optimizer's
+    order: how a saved optimizer state's indices map to names. Built on the meta device (no memory, no random numbers)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [[names[id(param)] for param in group["params"]] for group in parameter_groups(model, 0.0, decay_embeddings)]
+
+
 def build_model(config: ModelConfig, ds_config: dict[str, Any], device: torch.device | None = None) -> Transformer:
     """The plain model, built for the engine that will wrap it.
 

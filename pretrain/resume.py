@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lmforge import distributed
 from lmforge.config import config_to_dict
 from lmforge.errors import LmforgeError
@@ -173,10 +171,12 @@ def plan(config, data_parallel_size: int, zero_stage: int) -> ResumePoint | None
                                "resume it with ds_configs/zero0.json")
         return ResumePoint(tag, record, None, from_zero0=True)
     if universal_checkpoint.loads_zero0_into_zero3(record, zero_stage):
+        from pretrain.engine import parameter_group_names  # DeepSpeed's import: only when it converts
         if saved_experts > 1 or saved_tensor > 1:
             raise LmforgeError(f"{folder}: an expert- or tensor-parallel ZeRO-0 checkpoint cannot be resumed at ZeRO-3; "
                                "resume it with ds_configs/zero0.json")
-        return ResumePoint(tag, record, universal_checkpoint.zero0_universal_copy(folder, _parameter_names(config)))
+        return ResumePoint(tag, record, universal_checkpoint.zero0_universal_copy(
+            folder, parameter_group_names(config.model, config.train.decay_embeddings)))
     if universal_checkpoint.needs_universal(record, data_parallel_size, zero_stage, folder):
         if saved_experts > 1:
             raise LmforgeError(f"{folder}: an expert-parallel checkpoint of {record['data_parallel_size']} data-parallel ranks "
@@ -189,19 +189,6 @@ def plan(config, data_parallel_size: int, zero_stage: int) -> ResumePoint | None
                                f"cannot be resumed on {data_parallel_size}; resume on as many replicas")
         load_dir = universal_checkpoint.universal_copy(folder)
     return ResumePoint(tag, record, load_dir)
-
-
-def _parameter_names(config) -> list[list[str]]:
-    """The model's parameter names in the optimizer's group order (pretrain.engine.parameter_groups), from a
-    model built on the meta device (no memory, no random numbers)."""
-    from pretrain.engine import parameter_groups
-    from pretrain.model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(config.model)
-    names = {id(param): name for name, param in model.named_parameters()}
-    groups = parameter_groups(model, config.train.weight_decay, config.train.decay_embeddings)
-    return [[names[id(param)] for param in group["params"]] for group in groups]
 
 
 def record_for(config, global_batch: int) -> dict[str, Any]:

@@ -53,27 +53,26 @@ def _resolve_tag(run_dir: Path, step: int | None) -> str:
 
 def _fp32_masters(states: dict, module: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor] | None:
     """The fp32 masters of a 16-bit ZeRO-0 checkpoint, each checked to round to the module's value; else None."""
-    from pretrain.engine import parameter_groups
+    from pretrain.engine import parameter_group_names
 
     optimizer = states.get("optimizer")
     flats = optimizer.get("fp32_groups_flat") if isinstance(optimizer, dict) else None
     if not flats or all(v.dtype == torch.float32 for v in module.values()):
         return None
-    with torch.device("meta"):
-        meta = Transformer(model)
-    names = {id(p): n for n, p in meta.named_parameters()}
     for decay_embeddings in (False, True):  # train.decay_embeddings chose the optimizer's groups
-        groups = [[names[id(p)] for p in group["params"]] for group in parameter_groups(meta, 0.0, decay_embeddings)]
+        groups = parameter_group_names(model, decay_embeddings)
         if any(n not in module for group in groups for n in group):
             return None  # not a plain Transformer's module (a reward model's lm.* / head.*)
         if len(groups) == len(flats) and all(sum(module[n].numel() for n in g) == f.numel() for g, f in zip(groups, flats)):
             break
     else:
         return None
+    with torch.device("meta"):
+        meta = Transformer(model)
     aliases: dict[int, list[str]] = {}
     for name, param in meta.named_parameters(remove_duplicate=False):  # a tied head shares the embedding
         aliases.setdefault(id(param), []).append(name)
-    aliases_of = {names[key]: found for key, found in aliases.items()}
+    aliases_of = {found[0]: found for found in aliases.values()}  # the first name is the one groups use
     masters: dict[str, torch.Tensor] = {}
     for group, flat in zip(groups, flats):
         for name, piece in zip(group, torch.split(flat.float(), [module[n].numel() for n in group])):
