@@ -97,8 +97,10 @@ class TrainConfig:
     """Micro-batches per rank in one evaluation."""
     compile: bool = False
     """torch.compile the model (worth it on GPU; slow to start on CPU)."""
-    compile_scope: Literal["model", "blocks"] = "model"
-    """What torch.compile compiles: the whole model, or each block alone (one compilation reused by every layer: a faster start)."""
+    compile_scope: Literal["model", "nested", "blocks"] = "model"
+    """What torch.compile compiles (pretrain.engine.compile_in_place): the whole model; the whole model with each block
+    a nested compile region lowered once for every layer (a faster start, one graph); or each block alone (one
+    compilation reused by every layer: a faster start, a region and its guards per block)."""
     compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = "default"
     """torch.compile's mode: "max-autotune-no-cudagraphs" searches matmul kernels (minutes more to start),
     "reduce-overhead" replays the model's kernels as CUDA graphs (docs/performance.md has both measured)."""

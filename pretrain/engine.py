@@ -15,7 +15,7 @@ import torch
 from parallel.tensor import tensor_parallel_groups
 from pretrain.activation_checkpointing import apply_activation_checkpointing
 from pretrain.ds_config import guards_on_device, offloads_to_host, zero_stage_of
-from pretrain.model import ModelConfig, Transformer
+from pretrain.model import Block, ModelConfig, MoEMLP, Transformer
 from pretrain.pipeline import build_pipeline_module, pipeline_stages_of
 
 
@@ -217,16 +217,41 @@ def _zero_grad_from_a_list(engine, ds_config: dict[str, Any]) -> None:
     engine.zero_grad = zero_grad
 
 
+class RegionBlock(Block):
+    """A plain Block whose forward torch.compile traces and compiles once, as a nested compile region that every
+    layer calls with its own weights (train.compile_scope "nested")."""
+
+    forward = torch.compiler.nested_compile_region(Block.forward)
+
+
+# Inductor options of a "nested" compile. With buffer reuse on, torch 2.13's inductor lets a reused region's
+# backward write over buffers that a later call still reads: wrong gradients on the CPU (max difference 246
+# against eager on a 3-layer gpt2, tests/pretrain/test_compile_scope.py), exact with it off.
+NESTED_INDUCTOR_OPTIONS = {"allow_buffer_reuse": False}
+
+
 def compile_in_place(model: Transformer, scope: str, mode: str = "default") -> None:
-    """torch.compile the whole model, or (scope "blocks") by regions: each block alone (identical blocks
-    share one compiled graph, so compilation takes about one layer's time instead of all of them) and
-    the LM head with its loss (`Transformer.head_loss`: the fp32 cast, log-softmax and cross-entropy fused,
-    never the full-vocabulary fp32 logits in eager; at 88a4bac blocks alone ran at 0.72x the whole model,
-    with 19.3 GB peak against 8.3, docs/performance.md). `mode`: torch.compile's (train.compile_mode)."""
+    """torch.compile the model in place, by `scope` (train.compile_scope):
+    - "model": the whole model as one graph (every layer traced, lowered and fused alone);
+    - "nested": the whole model as one graph in which each plain block is a nested compile region (RegionBlock),
+      lowered once and called by every layer: about one block's compile time, the whole model's one guard and
+      one autograd node per step (activation-checkpointed blocks stay inline);
+    - "blocks": each block alone (identical blocks share one compiled graph) and the LM head with its loss
+      (`Transformer.head_loss`: the fp32 cast, log-softmax and cross-entropy fused, never the full-vocabulary
+      fp32 logits in eager; at 88a4bac blocks alone ran at 0.72x the whole model, with 19.3 GB peak against
+      8.3, docs/performance.md), each its own compiled region with its own guards.
+    `mode`: torch.compile's (train.compile_mode)."""
     if scope == "blocks":
         for block in model.blocks:
             block.compile(mode=mode)
         model.head_loss = torch.compile(model.head_loss, mode=mode)  # an instance attribute: names and state_dict unchanged
+    elif scope == "nested":
+        for block in model.blocks:
+            if type(block) is Block and not isinstance(block.mlp, MoEMLP):  # a router's aux loss is a side effect: inline
+                block.__class__ = RegionBlock  # as activation checkpointing swaps it: parameter names unchanged
+        from torch._inductor import list_mode_options
+
+        model.compile(options={**list_mode_options(mode), **NESTED_INDUCTOR_OPTIONS})
     else:
         model.compile(mode=mode)
 
