@@ -251,7 +251,9 @@ def compile_in_place(model: Transformer, scope: str, mode: str = "default") -> N
                 block.__class__ = RegionBlock  # as activation checkpointing swaps it: parameter names unchanged
         from torch._inductor import list_mode_options
 
-        model.compile(options={**list_mode_options(mode), **NESTED_INDUCTOR_OPTIONS})
+        # Static shapes: traced with a symbolic length, a region's `T > 1` (the causal flag) reaches SDPA as a SymBool
+        # and dynamo refuses the region; a new shape (evaluation's batch) compiles its own graph instead.
+        model.compile(dynamic=False, options={**list_mode_options(mode), **NESTED_INDUCTOR_OPTIONS})
     else:
         model.compile(mode=mode)
 

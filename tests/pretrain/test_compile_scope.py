@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from torch._inductor import config as inductor
 
 from pretrain.activation_checkpointing import CheckpointedBlock, apply_activation_checkpointing
@@ -50,8 +51,12 @@ def _losses_and_gradients(models, tokens, targets, **inputs):
     return results
 
 
-def _assert_same_training(plain, nested, tokens, targets, **inputs):
+def _assert_same_training(plain, nested, tokens, targets, fresh: bool = True, **inputs):
+    if fresh:  # nothing compiled by earlier tests: this model's graphs are compiled here (checked below)
+        torch._dynamo.reset()
+    counters.clear()
     (loss, grads), (nested_loss, nested_grads) = _losses_and_gradients((plain, nested), tokens, targets, **inputs)
+    assert counters["stats"]["unique_graphs"] >= 1  # compiled, not run in eager after a recompile limit
     bf16 = tokens.is_cuda  # the compiled graph fuses and rounds bf16 differently from eager
     torch.testing.assert_close(nested_loss, loss, rtol=1e-2 if bf16 else 1e-5, atol=1e-6)
     assert set(nested_grads) == set(grads)
@@ -122,3 +127,19 @@ def test_nested_scope_takes_a_flex_attention_block_mask_into_its_regions():
     with torch.no_grad():
         torch.testing.assert_close(nested(tokens, targets, segment_ids=segment_ids),
                                    plain(tokens, targets, segment_ids=segment_ids), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_nested_scope_compiles_a_new_sequence_length_as_its_own_graph():
+    """A second shape would make dynamo trace the length symbolically, and a region's causal flag (`T > 1`) would
+    reach scaled_dot_product_attention as a SymBool, which it refuses: the nested scope compiles static shapes."""
+    torch.manual_seed(0)
+    config = ModelConfig(arch="gpt2", vocab_size=100, n_layers=2, n_heads=4, d_model=32, max_seq_len=64)
+    plain = Transformer(config)
+    nested = copy.deepcopy(plain)
+    compile_in_place(nested, "nested")
+    torch._dynamo.reset()
+    for length in (24, 16):
+        for model in (plain, nested):
+            model.zero_grad()
+        _assert_same_training(plain, nested, *torch.randint(0, 100, (2, 2, length)).unbind(1), fresh=False)
