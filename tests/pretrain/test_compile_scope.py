@@ -2,6 +2,7 @@
 head with its loss; "nested" compiles the whole model with each plain block one nested compile region. Both
 train as the plain model does."""
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -51,12 +52,20 @@ def _losses_and_gradients(models, tokens, targets, **inputs):
     return results
 
 
-def _assert_same_training(plain, nested, tokens, targets, fresh: bool = True, **inputs):
-    if fresh:  # nothing compiled by earlier tests: this model's graphs are compiled here (checked below)
+@contextmanager
+def _compiled_here(fresh: bool = True):
+    """The block's calls compile a graph (not eager after dynamo's recompile limit, reached by earlier tests);
+    `fresh`: nothing compiled before is reused."""
+    if fresh:
         torch._dynamo.reset()
     counters.clear()
-    (loss, grads), (nested_loss, nested_grads) = _losses_and_gradients((plain, nested), tokens, targets, **inputs)
-    assert counters["stats"]["unique_graphs"] >= 1  # compiled, not run in eager after a recompile limit
+    yield
+    assert counters["stats"]["unique_graphs"] >= 1
+
+
+def _assert_same_training(plain, nested, tokens, targets, fresh: bool = True, **inputs):
+    with _compiled_here(fresh):
+        (loss, grads), (nested_loss, nested_grads) = _losses_and_gradients((plain, nested), tokens, targets, **inputs)
     bf16 = tokens.is_cuda  # the compiled graph fuses and rounds bf16 differently from eager
     torch.testing.assert_close(nested_loss, loss, rtol=1e-2 if bf16 else 1e-5, atol=1e-6)
     assert set(nested_grads) == set(grads)
@@ -124,7 +133,7 @@ def test_nested_scope_takes_a_flex_attention_block_mask_into_its_regions():
     compile_in_place(nested, "nested")
     tokens, targets = torch.randint(0, 100, (2, 2, 256)).unbind(1)
     segment_ids = torch.tensor([[0] * 100 + [1] * 156, [0] * 50 + [1] * 50 + [2] * 156])
-    with torch.no_grad():
+    with torch.no_grad(), _compiled_here():
         torch.testing.assert_close(nested(tokens, targets, segment_ids=segment_ids),
                                    plain(tokens, targets, segment_ids=segment_ids), rtol=1e-5, atol=1e-6)
 
