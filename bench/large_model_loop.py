@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import pretrain.run_checks as run_checks
-from lmforge.distributed import init_distributed
+from lmforge.distributed import init_distributed, shutdown
 from pretrain.config import load_pretrain_config
 from pretrain.train import Trainer, prepare
 
@@ -64,6 +64,7 @@ def main(argv: list[str]) -> int:
         "gpu_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
         "host_peak_gib": host, "host_bytes_per_param": host * GIB / params, "setup_s": setup,
         "total_s": time.perf_counter() - started}), flush=True)
+    shutdown()
     return 0
 
 

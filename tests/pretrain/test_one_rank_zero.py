@@ -146,7 +146,7 @@ FOREACH_NORM_PROBE = """
 import json, torch
 from dataclasses import replace
 from bench.host_overhead import build_stepper
-from lmforge.distributed import init_distributed
+from lmforge.distributed import init_distributed, shutdown
 from pretrain.config import TrainConfig
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 init_distributed()
@@ -158,7 +158,8 @@ params = [torch.nn.Parameter(torch.zeros(1)) for _ in grads]
 found["ours"], found["deepspeeds"] = float(zero.get_grad_norm_direct(grads, params)), float(DeepSpeedZeroOptimizer.get_grad_norm_direct(zero, grads, params))
 grads[3][0] = float("inf")
 found["inf"] = [float(zero.get_grad_norm_direct(grads, params)), float(DeepSpeedZeroOptimizer.get_grad_norm_direct(zero, grads, params))]
-print(json.dumps(found))
+print(json.dumps(found), flush=True)
+shutdown()  # without it gloo's threads can abort the process at exit (CI saw "terminate called")
 """
 
 
