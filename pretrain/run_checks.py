@@ -24,7 +24,7 @@ import torch
 from lmforge.errors import LmforgeError
 from pretrain.config import DataConfig, PretrainConfig, TrainConfig, resolve_repo_path
 from numerics.adamw8bit import adamw8bit_problems
-from numerics.float8 import float8_problems
+from numerics.float8 import float8_problems, float8_recipe
 from pretrain.model import ModelConfig, Transformer
 
 
@@ -281,8 +281,16 @@ def _numerics_problems(config: PretrainConfig, ds_config: dict[str, Any] | None)
     """What the numerics/ options (train.float8, train.optimizer, model.loss_chunk_tokens) need of this machine and run."""
     from pretrain.ds_config import zero_stage_of
 
-    found = float8_problems(config.train.float8, torch.device("cuda") if torch.cuda.is_available() else None)
-    found += adamw8bit_problems(config.train.optimizer)
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    found = float8_problems(config.train.float8, device)
+    train = config.train
+    if train.compile and train.compile_scope == "nested" and float8_recipe(train.float8, device) != "off":
+        # Measured on an H100 (torch 2.11, torchao 0.17): inductor raises NotImplementedError on aten.to.dtype
+        # of torchao's float8 tensor inside the nested region (docs/performance.md).
+        found.append(f"train.compile_scope = nested: not supported with train.float8 = {train.float8!r} (inductor cannot "
+                     "compile torchao's float8 linear inside a nested compile region); use compile_scope: model, "
+                     "or train.float8 = off")
+    found += adamw8bit_problems(train.optimizer)
     chunk = config.model.loss_chunk_tokens
     if chunk and ds_config is not None and (zero_stage_of(ds_config) == 3 or config.parallel.pipeline_stages > 1):
         found.append(f"model.loss_chunk_tokens = {chunk}: the chunked head runs at ZeRO 0-2 without pipeline stages "

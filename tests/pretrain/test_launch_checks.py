@@ -170,3 +170,16 @@ def test_the_chunked_head_is_refused_where_zero3_partitions_its_weight(shards, t
     assert len(chunk_lines) == (1 if refused else 0), found.problems
     if not refused:
         assert found.problems == []
+
+
+@pytest.mark.parametrize("scope, float8, refused", [("nested", "tensorwise", True), ("model", "tensorwise", False),
+                                                    ("nested", "off", False)])
+def test_float8_is_refused_inside_the_nested_compile_region(shards, tmp_path, scope, float8, refused):
+    config = tiny_config(tmp_path, shards, "train.compile=true", f"train.compile_scope={scope}", f"train.float8={float8}")
+    found = run_checks.check_launch(config, 1, verify_checksums=False)
+    nested_lines = [p for p in found.problems if p.startswith("train.compile_scope = nested")]
+    assert nested_lines == ([f"train.compile_scope = nested: not supported with train.float8 = '{float8}' (inductor cannot "
+                             "compile torchao's float8 linear inside a nested compile region); use compile_scope: model, "
+                             "or train.float8 = off"] if refused else []), found.problems
+    if float8 == "off":
+        assert found.problems == []
