@@ -2,7 +2,7 @@
 
     python -m bench.startup_time --config gpt2-124m --set data.path=[data/stdlib] --set train.max_steps=20
 
-Starts the real command (`python -m pretrain.train`, what `lmforge train` runs) with run.log_interval=1
+Starts the real command (`python -m lmforge.cli train`, i.e. `lmforge train`) with run.log_interval=1
 in a temporary run directory, stamps each line it prints with the seconds since the start, and
 reports: first line printed, first step finished (its metrics.jsonl line), the whole run, and
 the median tokens/s of the steps after the tenth. Prints one table.
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as run_dir:
-        cmd = [sys.executable, "-m", "pretrain.train", "--config", args.config, "--set", f"run.dir={run_dir}",
+        cmd = [sys.executable, "-m", "lmforge.cli", "train", "--config", args.config, "--set", f"run.dir={run_dir}",
                "--set", "run.log_interval=1", "--set", "run.progress_bar=false", "--set", "run.tensorboard=false"]
         for item in args.set:
             cmd += ["--set", item]

@@ -15,6 +15,7 @@ import sys
 from typing import Sequence
 
 from lmforge.errors import LmforgeError, USER_ERROR_EXIT_CODE, run_cli
+from lmforge.launcher_env import launcher_rank
 
 VERBS: dict[str, tuple[str, str]] = {
     "prep": ("data_prep.cli", "text -> tokenizer and Megatron-format shards (tokenizer|shards|verify)"),
@@ -31,6 +32,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "dpo": ("posttrain.dpo", "direct preference optimisation against a frozen reference"),
     "grpo": ("posttrain.grpo", "GRPO: group-relative policy optimisation with verifiable rewards (no critic)"),
 }
+
+# What importing a verb's module loads, where that takes seconds: said on rank 0 before the import, so a
+# user sees a line at once rather than nothing while torch and DeepSpeed load (issue 13).
+LOADING: dict[str, str] = {verb: "torch and DeepSpeed" for verb in ("train", "sft", "reward", "ppo", "dpo", "grpo")}
 
 
 def usage() -> str:
@@ -52,6 +57,8 @@ def dispatch(argv: Sequence[str] | None) -> int:
         close = difflib.get_close_matches(verb, VERBS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; verbs: {', '.join(VERBS)}"
         raise LmforgeError(f"unknown verb '{verb}'{hint}")
+    if verb in LOADING and VERBS[verb][0] not in sys.modules and not {"-h", "--help"} & set(rest) and launcher_rank() == 0:
+        print(f"lmforge {verb}: loading {LOADING[verb]}", flush=True)
     module = importlib.import_module(VERBS[verb][0])
     return int(module.main(rest) or 0)
 

@@ -13,6 +13,8 @@ from typing import NoReturn
 
 import torch
 
+from lmforge.launcher_env import launcher_rank, launcher_world_size  # noqa: F401 (lmforge.distributed's names)
+
 
 @dataclass(frozen=True)
 class DistributedInfo:
@@ -156,23 +158,6 @@ def _finalize_mpi() -> None:
     mpi_module = sys.modules.get("mpi4py.MPI")
     if mpi_module is not None and mpi_module.Is_initialized() and not mpi_module.Is_finalized():
         mpi_module.Finalize()
-
-
-def launcher_world_size() -> int:
-    """The number of ranks the launcher says it started, read before any process group exists
-    (torchrun/deepspeed, OpenMPI, MPICH/PMI, srun); 1 when started plainly."""
-    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(key):
-            return int(os.environ[key])
-    return 1
-
-
-def launcher_rank() -> int:
-    """This process's rank as the launcher set it, before any process group exists; 0 when started plainly."""
-    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if os.environ.get(key):
-            return int(os.environ[key])
-    return 0
 
 
 def bf16_supported() -> bool:

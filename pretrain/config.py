@@ -99,8 +99,9 @@ class TrainConfig:
     """torch.compile the model (worth it on GPU; slow to start on CPU)."""
     compile_scope: Literal["model", "nested", "blocks"] = "model"
     """What torch.compile compiles (pretrain.engine.compile_in_place): the whole model; the whole model with each block
-    a nested compile region lowered once for every layer (a faster start, one graph); or each block alone (one
-    compilation reused by every layer: a faster start, a region and its guards per block)."""
+    a nested compile region lowered once for every layer (one graph; a faster start on the CPU only, not with
+    train.float8); or each block alone (one compilation reused by every layer: the fastest start, a region and its
+    guards per block). First step of gpt2-124m from empty caches on an H100: 31.2 / 37.6 / 19.1 s (docs/performance.md)."""
     compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = "default"
     """torch.compile's mode: "max-autotune-no-cudagraphs" searches matmul kernels (minutes more to start),
     "reduce-overhead" replays the model's kernels as CUDA graphs (docs/performance.md has both measured)."""
