@@ -231,11 +231,16 @@ def autocast_json(tmp_path, stage: int, **autocast) -> str:
 def test_under_bf16_autocast_zero1_steps_on_the_fp32_gradients_unless_the_json_asks_for_bf16_reduction(shards, tmp_path):
     """DeepSpeed marks nn.Linear weights (gpt2's head, tied to the embedding) for reduction in bf16; lmforge's empty
     lower_precision_safe_modules keeps every gradient fp32, so ZeRO-1's gradient norm is ZeRO-0's (which one rank
-    never reduces); the JSON's own list brings the rounding back, and the probe sees it."""
-    gpt2 = {"model.arch": "gpt2", "model.n_kv_heads": "null"}
+    never reduces); the JSON's own list brings the rounding back, and the probe sees it.
+
+    Clipping is off: ZeRO-0 and ZeRO-1 sum the clipping norm in different orders (1e-7 apart), and by the third step
+    bf16 autocast can round a weight that moved by one fp32 ulp to a different bf16 value, which put the norms
+    3.5e-5 apart on one CPU with clipping on (and 0 apart with it off) without any gradient reduced in bf16. The
+    bf16 reduction's own effect on the norm is smaller (5.8e-6 at the third step)."""
+    gpt2 = {"model.arch": "gpt2", "model.n_kv_heads": "null", "train.grad_clip": 0}
     zero0 = allreduce_probe(tmp_path / "z0", shards, 1, **gpt2, **{"deepspeed.config": autocast_json(tmp_path, 0)})
     zero1 = allreduce_probe(tmp_path / "z1", shards, 1, **gpt2, **KEEP_STAGE, **{"deepspeed.config": autocast_json(tmp_path, 1)})
     rounded = allreduce_probe(tmp_path / "bf16", shards, 1, **gpt2, **KEEP_STAGE, **{
         "deepspeed.config": autocast_json(tmp_path, 1, lower_precision_safe_modules=["torch.nn.Linear"])})
-    assert abs(zero1["grad_norm"] - zero0["grad_norm"]) <= 1e-6 * zero0["grad_norm"]
-    assert abs(rounded["grad_norm"] - zero0["grad_norm"]) > 1e-5 * zero0["grad_norm"]
+    assert abs(zero1["grad_norm"] - zero0["grad_norm"]) <= 1e-7 * zero0["grad_norm"]  # equal here
+    assert abs(rounded["grad_norm"] - zero0["grad_norm"]) > 1e-6 * zero0["grad_norm"]  # 5.8e-6 apart here
