@@ -1,21 +1,17 @@
 """The `lmforge` command (lmforge/cli.py): a line within a moment of starting a verb that loads torch and DeepSpeed."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from lmforge.launcher_env import RANK_VARIABLES
+from tests.pretrain.training_runs import REPO, run_env
 
 
 def lmforge(*args: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
-    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if key not in env:
-            environ.pop(key, None)
+    environ = {key: value for key, value in run_env().items() if key not in RANK_VARIABLES} | env
     return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], cwd=REPO, env=environ, capture_output=True,
                           text=True, timeout=300)
 
