@@ -52,8 +52,8 @@ class PreparedRun:
     ds_config: dict[str, Any]
     notes: tuple[str, ...] = ()
     """Lines for the start of the run (not errors), from run_checks."""
-    params: int = 0
-    """The model's parameter count, as run_checks counted it for the checkpoints' disk space."""
+    params: int | None = None
+    """The model's parameter count, as run_checks counted it for the checkpoints' disk space (None: not counted)."""
 
 
 def prepare(config: PretrainConfig, world_size: int, verify_checksums: bool = True) -> PreparedRun:
@@ -63,7 +63,7 @@ def prepare(config: PretrainConfig, world_size: int, verify_checksums: bool = Tr
     found.raise_problems()
     run_checks.check_run_dir(found.config.run.dir)
     ownership.claim(found.config.run.dir, "run", "train")
-    return PreparedRun(found.config, found.ds_config, tuple(found.notes), found.params or 0)
+    return PreparedRun(found.config, found.ds_config, tuple(found.notes), found.params)
 
 
 class Trainer:
@@ -314,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if distributed.is_main():
             cfg = run.config
-            params = f"{(run.params or run_checks.parameter_count(cfg.model)) / 1e6:.2f}M params"
+            count = run.params if run.params is not None else run_checks.parameter_count(cfg.model)
+            params = f"{count / 1e6:.2f}M params"
             if cfg.model.n_experts:
                 params += f", {trainer.model.active_params() / 1e6:.2f}M active"
             recipe = float8_recipe(cfg.train.float8, info.device)
