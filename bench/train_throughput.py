@@ -81,7 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def model_config(preset: str, seq_len: int, data: Path | None = None) -> ModelConfig:
     """The preset's model with the vocabulary of --data's tokenizer (a real-data run), else GPT-2's/Llama's."""
-    config = load_pretrain_config(preset).model
+    return with_data_vocab(load_pretrain_config(preset).model, data)
+
+
+def with_data_vocab(config: ModelConfig, data: Path | None) -> ModelConfig:
+    """`config` with the vocabulary of `data`'s tokenizer (its manifest), else GPT-2's/Llama's; a set one stays."""
     if config.vocab_size is not None:
         return config
     if data is not None and (data / "manifest.json").is_file():
@@ -196,23 +200,30 @@ def memmap_windows(shard_dir: Path, vocab_size: int):
     return [np.memmap(shard_dir / f"{s['path']}.bin", dtype=dtype, mode="r") for s in manifest["shards"] if s["split"] == "train"]
 
 
-def measure_raw(config: ModelConfig, args, device, compile_model: bool) -> float:
-    """Seconds per step of a plain PyTorch script on the shards, timed like the loop (host clock
-    between loss reads, median over intervals of 10 steps after the warm-up)."""
+def raw_batches(shard_dir: Path, vocab_size: int, batch: int, seq_len: int, device):
+    """The raw script's batches: a function returning (inputs, targets) of `batch` random windows of
+    `seq_len + 1` tokens from the train shards' memmaps, copied to `device` through pinned memory (seed 0)."""
     import numpy as np
 
-    step, _ = run_baseline(replace(config, pad_vocab_to_multiple=1), {"padded"}, args, device, compile_model)
-    shards = memmap_windows(args.data, config.vocab_size)
+    shards = memmap_windows(shard_dir, vocab_size)
     rng = np.random.default_rng(0)
 
-    def batch():
+    def next_batch():
         shard = shards[rng.integers(len(shards))]
-        starts = rng.integers(0, len(shard) - args.seq_len - 1, args.batch)
-        rows = torch.from_numpy(np.stack([shard[i:i + args.seq_len + 1] for i in starts]).astype(np.int64))
+        starts = rng.integers(0, len(shard) - seq_len - 1, batch)
+        rows = torch.from_numpy(np.stack([shard[i:i + seq_len + 1] for i in starts]).astype(np.int64))
         if device.type == "cuda":
             rows = rows.pin_memory().to(device, non_blocking=True)
         return rows[:, :-1], rows[:, 1:]
 
+    return next_batch
+
+
+def measure_raw(config: ModelConfig, args, device, compile_model: bool) -> float:
+    """Seconds per step of a plain PyTorch script on the shards, timed like the loop (host clock
+    between loss reads, median over intervals of 10 steps after the warm-up)."""
+    step, _ = run_baseline(replace(config, pad_vocab_to_multiple=1), {"padded"}, args, device, compile_model)
+    batch = raw_batches(args.data, config.vocab_size, args.batch, args.seq_len, device)
     interval, times, clock = (10 if not args.dry_run else 1), [], None
     if args.trace and device.type == "cuda":
         step = _step_profiler(step, range(args.warmup + 5, args.warmup + 10), "raw", args.trace)
