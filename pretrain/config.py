@@ -101,7 +101,8 @@ class TrainConfig:
     """What torch.compile compiles (pretrain.engine.compile_in_place): the whole model; the whole model with each block
     a nested compile region lowered once for every layer (one graph; a faster start on the CPU only, not with
     train.float8); or each block alone (one compilation reused by every layer: the fastest start, a region and its
-    guards per block). First step of gpt2-124m from empty caches on an H100: 31.2 / 37.6 / 19.1 s (docs/performance.md)."""
+    guards per block). gpt2-124m on a fresh H100 from empty caches: first step 32-35.5 / 37.6 / 13.5 s (a plain PyTorch
+    script: 37.5-46 s); per step, blocks ran 0.84-0.92x the whole model's speed (docs/performance.md)."""
     compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = "default"
     """torch.compile's mode: "max-autotune-no-cudagraphs" searches matmul kernels (minutes more to start),
     "reduce-overhead" replays the model's kernels as CUDA graphs (docs/performance.md has both measured)."""
