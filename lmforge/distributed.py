@@ -59,8 +59,30 @@ def _adopt_launcher_environment() -> None:
         env.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def init_distributed() -> DistributedInfo:
-    """Creates the process group (nccl on GPU, gloo on CPU) and picks this rank's device."""
+def comm_op_to_build() -> str | None:
+    """The name of the op DeepSpeed will JIT-build as it starts the process group, else None: on a CPU its
+    shared-memory communication op (deepspeed.comm.torch.build_shm_op), when neither installed with DeepSpeed
+    nor yet built under the torch extensions folder (TORCH_EXTENSIONS_DIR). About a minute on 2 cores."""
+    if torch.cuda.is_available():
+        return None
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import _get_build_directory
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False) or installed_ops.get(builder.name):
+            return None
+        built = os.path.join(_get_build_directory(builder.name, verbose=False), f"{builder.name}.so")
+    except Exception:  # another DeepSpeed or torch: say nothing rather than guess
+        return None
+    return None if os.path.isfile(built) else builder.absolute_name()
+
+
+def init_distributed(verb: str | None = None) -> DistributedInfo:
+    """Creates the process group (nccl on GPU, gloo on CPU) and picks this rank's device. With `verb`
+    (`lmforge VERB`), rank 0 first says when DeepSpeed is about to build an op (comm_op_to_build)."""
     import deepspeed
     import torch.distributed as dist
 
@@ -68,6 +90,10 @@ def init_distributed() -> DistributedInfo:
     _adopt_launcher_environment()
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
+        op = comm_op_to_build() if verb is not None and launcher_rank() == 0 else None
+        if op is not None:
+            print(f"lmforge {verb}: DeepSpeed builds {op} (its first start with this TORCH_EXTENSIONS_DIR: "
+                  "about a minute on 2 cores)", flush=True)
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=True, verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:

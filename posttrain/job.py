@@ -107,7 +107,7 @@ def start_ranks(job: Job, train: TrainConfig | None = None, verb: str = "sft"):
     ownership.check_output(run_dir, "posttrain-run", verb, "run.dir", ownership.config_paths(job.config), resolve_repo_path)
     check_run_dir(run_dir)
     ownership.claim(run_dir, "posttrain-run", verb)
-    info = distributed.init_distributed()
+    info = distributed.init_distributed(verb)
     if info.world_size != launcher_world_size():
         job = prepare_job(job.config, info.world_size, train)
     run_lock.acquire_on_main(run_dir, distributed.is_main(), distributed.broadcast_object)

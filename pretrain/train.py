@@ -298,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = load_pretrain_config(args.config, args.set + (["run.resume_fallback=true"] if args.resume_fallback else []))
     run = prepare(config, launcher_world_size())
     signals = PreemptionSignals().install()
-    info = distributed.init_distributed()
+    info = distributed.init_distributed("train")
     if info.world_size != launcher_world_size():  # MPI discovery can learn the size only now
         run = prepare(config, info.world_size)
     console.keep_deepspeed_warnings_in(run.config.run.dir / console.DEEPSPEED_LOG, distributed.is_main())
