@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     windows = SplitWindows(shard_dir, args.split, seq_len)
     model, _, tag = load_checked_model(args.checkpoint, args.step)  # every check is done before any process group
 
-    info = distributed.init_distributed()
+    info = distributed.init_distributed("eval")
     try:
         model = model.to(info.device)
         batches = rank_batches(len(windows), batch_size, info.rank, info.world_size, args.batches)

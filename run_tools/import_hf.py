@@ -106,7 +106,7 @@ def save_as_run(config: PretrainConfig, state: dict[str, torch.Tensor], model_di
 
     ds_path = resolve_repo_path(config.deepspeed.config)
     build_deepspeed_config(ds_path, config.train, launcher_world_size(), bf16_supported())  # a bad JSON fails here
-    info = distributed.init_distributed()
+    info = distributed.init_distributed("import-hf")
     try:
         run_lock.acquire_on_main(config.run.dir, distributed.is_main(), distributed.broadcast_object)
         ds_config = build_deepspeed_config(ds_path, config.train, info.world_size, bf16_supported())
