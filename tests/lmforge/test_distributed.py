@@ -33,6 +33,6 @@ def test_a_verb_says_so_on_rank_zero_before_the_build(verb, said):
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith(("lmforge", "world"))]
-    notice = (f"lmforge train: DeepSpeed builds {SHM_OP} (its first start with this TORCH_EXTENSIONS_DIR: "
-              "about a minute on 2 cores)")
+    notice = (f"lmforge train: DeepSpeed builds {SHM_OP} (once per TORCH_EXTENSIONS_DIR: "
+              "33 s on 2 cores)")
     assert lines == ([notice] if said else []) + ["world 1"]
